@@ -1,0 +1,67 @@
+"""The scorer interface and the safetensors cache of importance scores."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..targets import PrunableWeight
+
+
+class ImportanceScorer(ABC):
+    """Scores every prunable weight of a model from calibration batches."""
+
+    name: str = ""
+
+    @abstractmethod
+    def score(
+        self,
+        model: torch.nn.Module,
+        weights: Mapping[str, PrunableWeight],
+        batches: Sequence[dict[str, torch.Tensor]],
+        disable_tqdm: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Return an fp32 score tensor shaped like each weight; higher means more important."""
+
+
+def save_importance(scores: Mapping[str, torch.Tensor], path: str | Path, description: Mapping | None = None) -> None:
+    """Write scores to a safetensors file (atomically), with a JSON `description` in the metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {name: score.detach().to("cpu", torch.float32).contiguous() for name, score in scores.items()}
+    save_file(tensors, str(tmp), metadata={"description": json.dumps(dict(description or {}), sort_keys=True)})
+    tmp.replace(path)
+
+
+def load_importance(path: str | Path, weights: Mapping[str, PrunableWeight] | None = None) -> dict[str, torch.Tensor]:
+    """Read cached scores; with `weights`, check that names and shapes match the model."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No importance file at {path}.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            scores = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"Cannot read importance file {path} ({err}); delete it to recompute.") from err
+    if weights is not None:
+        missing, extra = set(weights) - set(scores), set(scores) - set(weights)
+        if missing or extra:
+            raise ValueError(
+                f"Importance file {path} does not match the model's prunable weights: missing "
+                f"{sorted(missing)[:3]}{'...' if len(missing) > 3 else ''}, extra {sorted(extra)[:3]}. "
+                "It was computed for another model or target_modules; delete it to recompute."
+            )
+        for name, weight in weights.items():
+            if tuple(scores[name].shape) != tuple(weight.weight.shape):
+                raise ValueError(
+                    f"Importance file {path}: {name} has shape {tuple(scores[name].shape)}, the model's weight "
+                    f"{tuple(weight.weight.shape)}. Delete the file to recompute."
+                )
+    return scores

@@ -1,0 +1,131 @@
+"""General (open-domain) importance G: OBS saliency from layer Hessians, or diagonal Fisher."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..layerwise import iterate_blocks
+from ..targets import PrunableWeight
+from .base import ImportanceScorer
+
+
+def obs_saliency(weight_out_in: torch.Tensor, hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    """SparseGPT's per-weight saliency ``W^2 / diag(U)^2`` with ``U = chol(H^-1)`` (upper).
+
+    ``diag(U)^2`` is the OBS denominator ``[H^-1]_qq`` of each column eliminated in order. Inputs that never
+    fire (zero Hessian diagonal) get a unit diagonal so the factorisation exists.
+    """
+    h = hessian.double().clone()
+    diag = torch.diagonal(h)
+    diag[diag == 0] = 1.0
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean_diag = diag.mean()
+    for attempt in range(5):
+        chol, info = torch.linalg.cholesky_ex(h + damping * (10**attempt) * mean_diag * eye)
+        if info == 0:
+            break
+    else:
+        raise ValueError("The calibration Hessian is not positive definite even with 10000x damping; "
+                         "check the calibration data for NaN/Inf activations.")
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+    return (weight_out_in.double() ** 2 / torch.diagonal(upper).unsqueeze(0) ** 2).float()
+
+
+class OBSImportance(ImportanceScorer):
+    """OBS/SparseGPT saliency with ``H = (2/n) Σ x xᵀ``, one decoder block at a time (bounded memory)."""
+
+    name = "obs"
+
+    def __init__(self, damping: float = 0.01) -> None:
+        self.damping = damping
+
+    @torch.no_grad()
+    def score(
+        self,
+        model: torch.nn.Module,
+        weights: Mapping[str, PrunableWeight],
+        batches: Sequence[dict[str, torch.Tensor]],
+        disable_tqdm: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        by_block: dict[int, list[PrunableWeight]] = defaultdict(list)
+        for weight in weights.values():
+            by_block[weight.layer_index].append(weight)
+        scores: dict[str, torch.Tensor] = {}
+        for step in iterate_blocks(model, batches, desc="general importance (OBS)", disable_tqdm=disable_tqdm):
+            targets = by_block.get(step.index, [])
+            hessians = {w.name: self._accumulator(w) for w in targets}
+            handles = [w.module.register_forward_hook(self._hook(hessians[w.name])) for w in targets]
+            try:
+                step.forward()
+            finally:
+                for handle in handles:
+                    handle.remove()
+            for w in targets:
+                hessian, count = hessians[w.name]["h"], hessians[w.name]["n"]
+                if count == 0:
+                    raise ValueError(f"{w.module_name} received no calibration inputs; is it used in forward()?")
+                saliency = obs_saliency(w.as_out_in(w.weight.detach()), hessian * (2.0 / count), self.damping)
+                scores[w.name] = saliency.t().contiguous() if w.input_dim == 0 else saliency
+        return scores
+
+    @staticmethod
+    def _accumulator(w: PrunableWeight) -> dict:
+        size = w.weight.shape[w.input_dim]
+        return {"h": torch.zeros(size, size, dtype=torch.float32, device=w.weight.device), "n": 0}
+
+    @staticmethod
+    def _hook(acc: dict):
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            acc["h"].addmm_(x.t(), x)
+            acc["n"] += x.shape[0]
+
+        return hook
+
+
+class FisherImportance(ImportanceScorer):
+    """Second-order Taylor with the diagonal empirical Fisher: ``G = ½ · mean(g²) · W²``."""
+
+    name = "fisher"
+
+    def score(
+        self,
+        model: torch.nn.Module,
+        weights: Mapping[str, PrunableWeight],
+        batches: Sequence[dict[str, torch.Tensor]],
+        disable_tqdm: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        fisher = {name: torch.zeros_like(w.weight, dtype=torch.float32) for name, w in weights.items()}
+        was_training = model.training
+        requires_grad = {name: w.weight.requires_grad for name, w in weights.items()}
+        model.eval()
+        try:
+            for w in weights.values():
+                w.weight.requires_grad_(True)
+            for batch in tqdm(batches, desc="general importance (Fisher)", disable=disable_tqdm):
+                model.zero_grad(set_to_none=True)
+                labels = batch.get("labels", batch["input_ids"])
+                model(**{k: v for k, v in batch.items() if k != "labels"}, labels=labels, use_cache=False).loss.backward()
+                for name, w in weights.items():
+                    fisher[name].add_(w.weight.grad.float() ** 2)
+        finally:
+            model.zero_grad(set_to_none=True)
+            for name, w in weights.items():
+                w.weight.requires_grad_(requires_grad[name])
+            model.train(was_training)
+        for name, w in weights.items():  # in place: one fp32 buffer per weight, not two
+            fisher[name].mul_(w.weight.detach().float() ** 2).mul_(0.5 / len(batches))
+        return fisher
+
+
+def general_scorer(estimator: str, damping: float = 0.01) -> ImportanceScorer:
+    """The general-importance scorer named in `DPrunerConfig.general_estimator`."""
+    if estimator == "obs":
+        return OBSImportance(damping)
+    if estimator == "fisher":
+        return FisherImportance()
+    raise ValueError(f"Unknown general estimator {estimator!r}; valid: 'obs', 'fisher'.")

@@ -1,0 +1,211 @@
+"""`DPrunerTrainer`: a `transformers.Trainer` that runs D-Pruner's three stages and keeps the masks."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import Trainer
+from transformers.utils import logging
+
+from .callbacks import DomainImportanceCallback, KeepMasksCallback
+from .config import DPrunerConfig
+from .data import CausalLMCollator, prepare_calibration_dataset
+from .importance import DomainImportance, general_scorer, load_importance, save_importance
+from .masks import compute_masks, sparsity_report
+from .modeling import make_pruned
+from .regularizer import GeneralImportanceRegularizer
+from .targets import find_prunable_weights
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class PruningResult:
+    """What `DPrunerTrainer.prune` produced."""
+
+    masks: dict[str, torch.Tensor]
+    sparsity: dict[str, Any]
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    domain_steps: int = 0
+
+
+class DPrunerTrainer(Trainer):
+    """Trainer whose loss adds ``λ · Σ G ⊙ (W − W₀)²`` and whose `prune()` runs D-Pruner end to end.
+
+    Args:
+        dpruner_config: the recipe (`DPrunerConfig()` if omitted).
+        train_dataset: domain calibration data: a tokenized `Dataset` (``input_ids``), a `Dataset` with a
+            ``text`` column, a list of strings, a file/folder path or a bundled corpus name.
+        general_dataset: open-domain calibration data, same forms; needed unless `general_importance` is given.
+        general_importance: precomputed G (dict), or a safetensors path: loaded if it exists, else computed and
+            written there for reuse with other domains.
+        Other arguments are those of `transformers.Trainer`.
+    """
+
+    def __init__(
+        self,
+        model=None,
+        args=None,
+        dpruner_config: DPrunerConfig | None = None,
+        train_dataset=None,
+        general_dataset=None,
+        processing_class=None,
+        general_importance: Mapping[str, torch.Tensor] | str | os.PathLike | None = None,
+        data_collator=None,
+        **kwargs,
+    ) -> None:
+        self.dpruner_config = dpruner_config if dpruner_config is not None else DPrunerConfig()
+        cfg = self.dpruner_config
+        seed = args.seed if args is not None else 42
+        if train_dataset is not None:
+            train_dataset = prepare_calibration_dataset(
+                train_dataset, processing_class, cfg.seq_len, cfg.num_samples, seed, "domain data (train_dataset)"
+            )
+        if general_dataset is not None:
+            general_dataset = prepare_calibration_dataset(
+                general_dataset, processing_class, cfg.seq_len, cfg.num_samples, seed, "general data"
+            )
+        if data_collator is None:
+            pad_id = getattr(processing_class, "pad_token_id", None)
+            data_collator = CausalLMCollator(pad_id)
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        self.general_dataset = general_dataset
+        self.prunable = find_prunable_weights(self.model, cfg.target_modules)
+        self.general_importance_path = None
+        self.general_importance: dict[str, torch.Tensor] | None = None
+        if isinstance(general_importance, (str, os.PathLike)):
+            self.general_importance_path = Path(general_importance)
+            if self.general_importance_path.exists():
+                self.general_importance = load_importance(self.general_importance_path, self.prunable)
+        elif general_importance is not None:
+            self.general_importance = dict(general_importance)
+        self.regularizer: GeneralImportanceRegularizer | None = None
+        self.domain_importance: DomainImportance | None = None
+        self.add_callback(KeepMasksCallback())
+
+    # ---- the refined loss ----
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """LM loss plus the general-importance regularizer, scaled consistently under gradient accumulation."""
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if self.regularizer is not None and model.training and self.regularizer.lam > 0:
+            penalty = self.regularizer()
+            if self._loss_is_scaled_for_ga(num_items_in_batch):
+                # training_step will not divide this loss by the accumulation steps: do it for the penalty, which
+                # is otherwise added once per micro-batch.
+                penalty = penalty / self.current_gradient_accumulation_steps
+            loss = loss + penalty.to(loss.dtype)
+        return (loss, outputs) if return_outputs else loss
+
+    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+            self.compute_loss_func is not None
+        )
+
+    # ---- the three stages ----
+
+    def _calibration_batches(self, dataset: Dataset) -> list[dict[str, torch.Tensor]]:
+        loader = DataLoader(dataset, batch_size=self.args.per_device_train_batch_size, collate_fn=self.data_collator)
+        return [self._prepare_inputs(batch) for batch in loader]
+
+    def compute_general_importance(self) -> dict[str, torch.Tensor]:
+        """Stage 1: G on the general data (cached to `general_importance` path if one was given)."""
+        if self.general_importance is not None:
+            return self.general_importance
+        if self.general_dataset is None:
+            raise ValueError("Stage 1 needs open-domain text: pass `general_dataset=` or `general_importance=`.")
+        cfg = self.dpruner_config
+        scorer = general_scorer(cfg.general_estimator, cfg.damping)
+        batches = self._calibration_batches(self.general_dataset)
+        self.general_importance = scorer.score(self.model, self.prunable, batches, disable_tqdm=self.args.disable_tqdm)
+        if self.general_importance_path is not None and self.args.should_save:
+            save_importance(
+                self.general_importance,
+                self.general_importance_path,
+                {"estimator": cfg.general_estimator, "num_samples": len(self.general_dataset), "seq_len": cfg.seq_len},
+            )
+        return self.general_importance
+
+    def compute_domain_importance(self) -> dict[str, torch.Tensor]:
+        """Stage 2: S from the gradients of the regularized loss on the domain data."""
+        if self.train_dataset is None:
+            raise ValueError("Stage 2 needs domain text: pass `train_dataset=` (the domain calibration data).")
+        cfg = self.dpruner_config
+        self.regularizer = GeneralImportanceRegularizer(
+            self.prunable, self.compute_general_importance(), cfg.regularization_lambda
+        )
+        self.domain_importance = DomainImportance(self.prunable, cfg.domain_score)
+        if cfg.domain_pass == "finetune":
+            callback = DomainImportanceCallback(self.domain_importance)
+            self.add_callback(callback)
+            try:
+                self.train()
+            finally:
+                self.remove_callback(callback)
+        else:
+            self._score_domain()
+        return self.domain_importance.scores
+
+    def _score_domain(self) -> None:
+        """Score-only pass: gradients at W₀, refined with the regularizer's look-ahead gradient."""
+        model = self.model
+        model.eval()
+        lr = self.args.learning_rate
+        for batch in tqdm(self.get_train_dataloader(), desc="domain importance", disable=self.args.disable_tqdm):
+            model.zero_grad(set_to_none=True)
+            with self.compute_loss_context_manager():
+                loss = super().compute_loss(model, self._prepare_inputs(batch))
+            self.accelerator.backward(loss)
+            grads = {
+                name: self.regularizer.lookahead_gradient(name, w.weight.grad, lr) for name, w in self.prunable.items()
+            }
+            self.domain_importance.update(grads)
+        model.zero_grad(set_to_none=True)
+
+    def prune(self) -> PruningResult:
+        """Run general importance -> regularized domain pass -> masks, and make `self.model` a pruned model."""
+        cfg = self.dpruner_config
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        self.compute_general_importance()
+        seconds["general_importance"] = time.perf_counter() - start
+        start = time.perf_counter()
+        scores = self.compute_domain_importance()
+        seconds["domain_importance"] = time.perf_counter() - start
+        start = time.perf_counter()
+        masks = compute_masks(scores, self.prunable, cfg)
+        if cfg.apply_masks_to == "original":
+            self.regularizer.restore()
+        record = {
+            "method": "dpruner",
+            "base_model": getattr(self.model.config, "_name_or_path", None),
+            "calibration": {
+                "general_samples": len(self.general_dataset) if self.general_dataset is not None else None,
+                "domain_samples": len(self.train_dataset),
+                "seq_len": cfg.seq_len,
+                "domain_steps": self.domain_importance.num_updates,
+            },
+        }
+        make_pruned(self.model, masks, cfg, record, apply=True)
+        seconds["masks"] = time.perf_counter() - start
+        self.regularizer = None  # the pruned model is trained with the plain LM loss from here on
+        self.optimizer, self.lr_scheduler = None, None  # the domain pass's Adam moments must not revive weights
+        return PruningResult(masks, sparsity_report(masks), seconds, self.domain_importance.num_updates)
