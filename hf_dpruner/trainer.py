@@ -153,6 +153,13 @@ class DPrunerTrainer(Trainer):
             self.prunable, self.compute_general_importance(), cfg.regularization_lambda
         )
         self.domain_importance = DomainImportance(self.prunable, cfg.domain_score)
+        if cfg.domain_pass == "finetune" and cfg.apply_masks_to == "original":
+            # the fine-tune moves every trainable parameter; the targets' W0 is already held by the regularizer
+            self._other_reference = {
+                name: p.detach().clone()
+                for name, p in self.model.named_parameters()
+                if p.requires_grad and name not in self.prunable
+            }
         if cfg.domain_pass == "finetune":
             callback = DomainImportanceCallback(self.domain_importance)
             self.add_callback(callback)
@@ -180,6 +187,14 @@ class DPrunerTrainer(Trainer):
             self.domain_importance.update(grads)
         model.zero_grad(set_to_none=True)
 
+    @torch.no_grad()
+    def _restore_original_weights(self) -> None:
+        self.regularizer.restore()
+        params = dict(self.model.named_parameters())
+        for name, value in getattr(self, "_other_reference", {}).items():
+            params[name].copy_(value)
+        self._other_reference = {}
+
     def prune(self) -> PruningResult:
         """Run general importance -> regularized domain pass -> masks, and make `self.model` a pruned model."""
         cfg = self.dpruner_config
@@ -193,7 +208,7 @@ class DPrunerTrainer(Trainer):
         start = time.perf_counter()
         masks = compute_masks(scores, self.prunable, cfg)
         if cfg.apply_masks_to == "original":
-            self.regularizer.restore()
+            self._restore_original_weights()
         record = {
             "method": "dpruner",
             "base_model": getattr(self.model.config, "_name_or_path", None),

@@ -1,0 +1,1 @@
+"""The ``hf-dpruner`` command line: a dispatcher (`cli`) and one module per subcommand."""

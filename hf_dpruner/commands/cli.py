@@ -1,0 +1,38 @@
+"""``hf-dpruner SUBCOMMAND ...``: dispatches to the subcommand modules, each of which parses its own arguments."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "prune": ("hf_dpruner.commands.prune", "Prune a model with D-Pruner and save a pruned checkpoint."),
+    "data": ("hf_dpruner.commands.data", "Prepare the embedded default model and the bundled corpora offline."),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: hf-dpruner {" + ",".join(SUBCOMMANDS) + "} [--help] ...", "", "subcommands:"]
+    lines += [f"  {name:<8} {summary}" for name, (_, summary) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from hf_dpruner import __version__
+
+        print(__version__)
+        return 0
+    if argv[0] not in SUBCOMMANDS:
+        print(f"hf-dpruner: unknown subcommand {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[argv[0]][0])
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

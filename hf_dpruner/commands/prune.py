@@ -1,0 +1,113 @@
+"""``hf-dpruner prune``: D-Pruner on a model and calibration data, written as a pruned checkpoint."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
+
+from ..config import DPrunerConfig
+from ..corpora import DOMAIN_CORPORA, GENERAL_CORPUS
+from ..data import load_texts
+from ..resources import DEFAULT_MODEL_NAME, default_model_path
+from ..trainer import DPrunerTrainer, PruningResult
+
+
+@dataclass
+class PruneArguments:
+    """What to prune and on which data."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "Hub id or local folder. Default: the embedded SmolLM2-135M-Instruct."}
+    )
+    domain: str = field(
+        default="medical", metadata={"help": f"Bundled domain corpus: {', '.join(DOMAIN_CORPORA)}."}
+    )
+    domain_data: str | None = field(
+        default=None,
+        metadata={"help": "Domain text: a .txt/.jsonl/.json/.parquet/.csv file, a folder or a `datasets` name. "
+                  "Overrides --domain."},
+    )
+    general_data: str | None = field(
+        default=None, metadata={"help": f"Open-domain text (same forms). Default: the bundled {GENERAL_CORPUS!r} corpus."}
+    )
+    general_importance: str | None = field(
+        default=None,
+        metadata={"help": "Safetensors file caching the general importance: read if it exists, else written."},
+    )
+    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32 or bfloat16."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modeling code from the Hub."})
+
+
+@dataclass
+class PruneTrainingArguments(TrainingArguments):
+    """TrainingArguments with the defaults of D-Pruner's domain pass (SGD, one epoch, nothing saved mid-way)."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "Where the pruned checkpoint is written."})
+    optim: str = field(default="sgd", metadata={"help": "Optimizer of the domain pass (the paper used SGD)."})
+    learning_rate: float = field(default=0.03, metadata={"help": "Learning rate of the domain pass (paper: 0.03)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs of the domain pass over the windows."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Calibration batch size."})
+    lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpointing during the domain pass."})
+    report_to: str | list[str] = field(default="none", metadata={"help": "Experiment trackers."})
+    logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
+
+
+def parse(argv: list[str]) -> tuple[DPrunerConfig, PruneArguments, PruneTrainingArguments]:
+    parser = HfArgumentParser((DPrunerConfig, PruneArguments, PruneTrainingArguments), prog="hf-dpruner prune")
+    config, prune_args, training_args = parser.parse_args_into_dataclasses(argv)
+    if not training_args.output_dir:
+        parser.error("--output-dir is required.")
+    if prune_args.domain_data is None and prune_args.domain not in DOMAIN_CORPORA:
+        parser.error(f"--domain must be one of {list(DOMAIN_CORPORA)} (or give --domain-data).")
+    return config, prune_args, training_args
+
+
+def summary_table(result: PruningResult, peak_rss_mib: float) -> str:
+    """Sparsity per module type, time per stage and peak memory, as aligned text."""
+    rows = [("module type", "sparsity")]
+    rows += [(name, f"{value:.4f}") for name, value in result.sparsity["per_module_type"].items()]
+    rows += [("overall", f"{result.sparsity['overall']:.4f}"), ("", "")]
+    rows += [(f"time: {stage}", f"{seconds:.1f} s") for stage, seconds in result.stage_seconds.items()]
+    rows += [("time: total", f"{sum(result.stage_seconds.values()):.1f} s"), ("peak RSS", f"{peak_rss_mib:.0f} MiB")]
+    width = max(len(left) for left, _ in rows)
+    return "\n".join(f"{left:<{width}}  {right}" for left, right in rows)
+
+
+def main(argv: list[str]) -> int:
+    config, prune_args, training_args = parse(argv)
+    model_path = prune_args.model or str(default_model_path())
+    print(f"model: {model_path if prune_args.model else DEFAULT_MODEL_NAME}", file=sys.stderr)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(prune_args.dtype)
+    if dtype is None:
+        raise ValueError(f"--dtype must be float32 or bfloat16, got {prune_args.dtype!r}.")
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=prune_args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, trust_remote_code=prune_args.trust_remote_code
+    )
+    domain_source = prune_args.domain_data or DOMAIN_CORPORA[prune_args.domain]
+    general_source = prune_args.general_data or GENERAL_CORPUS
+    trainer = DPrunerTrainer(
+        model=model,
+        args=training_args,
+        dpruner_config=config,
+        train_dataset=load_texts(domain_source),
+        general_dataset=load_texts(general_source),
+        processing_class=tokenizer,
+        general_importance=prune_args.general_importance,
+    )
+    start = time.perf_counter()
+    result = trainer.prune()
+    trainer.model.pruning_record["base_model"] = prune_args.model or DEFAULT_MODEL_NAME
+    trainer.model.pruning_record["calibration"].update(general_data=general_source, domain_data=domain_source)
+    trainer.save_model(training_args.output_dir)
+    result.stage_seconds["save"] = time.perf_counter() - start - sum(result.stage_seconds.values())
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(summary_table(result, peak_mib))
+    print(f"saved: {training_args.output_dir}")
+    return 0
