@@ -295,7 +295,7 @@ def prepare_corpus(name: str, force: bool = False) -> Path:
             "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         (build / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        if False:
+        if target.exists():
             shutil.rmtree(target.rename(Path(tmp) / "old"))
         try:
             build.rename(target)
