@@ -54,7 +54,6 @@ class PruneTrainingArguments(TrainingArguments):
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Calibration batch size."})
     lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpointing during the domain pass."})
-    report_to: str | list[str] = field(default="none", metadata={"help": "Experiment trackers."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
 
 
