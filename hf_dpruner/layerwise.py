@@ -1,13 +1,13 @@
 """Run a decoder one block at a time on cached calibration inputs (as SparseGPT/Wanda do).
 
-The first block's ``(args, kwargs)`` are captured with a forward pre-hook and replayed, so position
-embeddings, masks and any other layer kwargs come from the model itself and are never rebuilt by hand.
+Each block's ``(args, kwargs)`` are captured with forward pre-hooks in one pass and replayed, so position
+embeddings, per-layer masks and any other layer kwargs come from the model itself, never rebuilt by hand.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,19 +18,33 @@ from .targets import decoder_layers
 
 
 class _InputsCaptured(Exception):
-    """Raised by the pre-hook to stop the forward pass once the first block's inputs are recorded."""
+    """Raised by the last block's pre-hook: the inputs are recorded, the rest of the model need not run."""
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> list[tuple[tuple, dict]]:
-    """The ``(args, kwargs)`` the first decoder block receives for each calibration batch."""
-    captured: list[tuple[tuple, dict]] = []
+def capture_block_inputs(
+    model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]
+) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
+    """The first block's hidden states for each batch, and every block's other ``(args, kwargs)``.
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured.append((args, dict(kwargs)))
-        raise _InputsCaptured
+    Blocks can receive different kwargs (e.g. a sliding-window mask on some layers), so each block's own are
+    kept; they are references to tensors the model shares between blocks, not copies.
+    """
+    blocks = decoder_layers(model)
+    hidden: list[torch.Tensor] = []
+    calls: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
 
-    handle = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
+    def make_hook(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if index == 0:
+                hidden.append(args[0] if args else kwargs["hidden_states"])
+            calls[index].append((args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+            if index == len(blocks) - 1:
+                raise _InputsCaptured
+
+        return hook
+
+    handles = [block.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
         for batch in batches:
             try:
@@ -38,33 +52,27 @@ def capture_block_inputs(model: nn.Module, batches: Sequence[dict[str, torch.Ten
             except _InputsCaptured:
                 pass
     finally:
-        handle.remove()
-    return captured
-
-
-def _replace_hidden(call: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tuple, dict]:
-    args, kwargs = call
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
+        for handle in handles:
+            handle.remove()
+    return hidden, calls
 
 
 @dataclass
 class BlockStep:
-    """One decoder block and its cached inputs; `forward()` runs them through it (firing any hooks)."""
+    """One decoder block, its input hidden states and other inputs; `forward()` runs them (firing any hooks)."""
 
     index: int
     block: nn.Module
+    hidden: list[torch.Tensor]
     calls: list[tuple[tuple, dict]]
-    outputs: list[torch.Tensor] = field(default_factory=list)
 
     @torch.no_grad()
     def forward(self) -> list[torch.Tensor]:
-        self.outputs = []
-        for args, kwargs in self.calls:
-            out: Any = self.block(*args, **kwargs)
-            self.outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
-        return self.outputs
+        outputs = []
+        for hidden, (args, kwargs) in zip(self.hidden, self.calls):
+            out: Any = self.block(hidden, *args, **kwargs)
+            outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
+        return outputs
 
 
 def iterate_blocks(
@@ -75,12 +83,11 @@ def iterate_blocks(
     was_training = model.training
     model.eval()
     try:
-        calls = capture_block_inputs(model, batches)
+        hidden, calls = capture_block_inputs(model, batches)
         blocks = decoder_layers(model)
         for index in tqdm(range(len(blocks)), desc=desc, disable=disable_tqdm):
-            step = BlockStep(index, blocks[index], calls)
+            step = BlockStep(index, blocks[index], hidden, calls[index])
             yield step
-            outputs = step.forward()
-            calls = [_replace_hidden(call, hidden) for call, hidden in zip(calls, outputs)]
+            hidden = step.forward()
     finally:
         model.train(was_training)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -17,8 +19,9 @@ from . import __version__
 from .config import PRUNING_CONFIG_NAME, DPrunerConfig, read_pruning_record
 from .masks import MASKS_NAME, apply_masks, load_masks, save_masks, sparsity_report
 
-# Files of a previous save that a new save must not carry over (they are rewritten or would be stale).
-_REWRITTEN_PREFIXES = ("model", "pytorch_model", "pruning_", "config.json", "generation_config.json")
+# Weight files of a previous save that would be stale beside the new ones (other sharding or format).
+_STALE_WEIGHTS = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+MASK_BUFFER = "pruning_keep_mask"
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
@@ -65,9 +68,8 @@ class PrunedModelMixin:
         try:
             super().save_pretrained(tmp, is_main_process=True, **kwargs)
             save_masks(self.pruning_masks, tmp / MASKS_NAME)
-            config = self.pruning_config or DPrunerConfig()
             record = {**self.pruning_record, "hf_dpruner_version": __version__, "achieved_sparsity": self._summary()}
-            config.save_pretrained(tmp, **record)
+            write_pruning_config(tmp, self.pruning_config, record)
             _replace_folder(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -80,13 +82,21 @@ class PrunedModelMixin:
         return {k: report[k] for k in ("overall", "num_pruned", "num_targeted", "per_module_type", "per_matrix")}
 
 
+def write_pruning_config(folder: Path, config: DPrunerConfig | None, record: dict[str, Any]) -> None:
+    """``pruning_config.json``: the recipe (when known) and the record of the run."""
+    if config is not None:
+        config.save_pretrained(folder, **record)
+    else:
+        (folder / PRUNING_CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
 def _replace_folder(new: Path, target: Path) -> None:
-    """Move the finished `new` folder to `target`, keeping unrelated files a user had there (e.g. a tokenizer)."""
+    """Swap the finished `new` folder in for `target`. Entries of `target` that the new save does not write
+    (a tokenizer, a README, ``.git``...) are moved over first; only stale weight files are dropped."""
     if target.is_dir():
         for item in target.iterdir():
-            if (new / item.name).exists() or item.name.startswith(_REWRITTEN_PREFIXES) or item.name.startswith("."):
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, new / item.name)
+            if not (new / item.name).exists() and not _STALE_WEIGHTS.match(item.name):
+                os.replace(item, new / item.name)
         backup = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, backup)
         os.replace(new, target)
@@ -107,12 +117,33 @@ def _pruned_class(base: type) -> type:
     return _PRUNED_CLASSES[base]
 
 
-def _zero_pruned_gradients(param: torch.nn.Parameter, keep: torch.Tensor):
-    requires_grad = param.requires_grad
-    param.requires_grad_(True)  # hooks can only be registered on tensors that require grad
-    handle = param.register_hook(lambda grad: grad * keep.to(grad.dtype))
-    param.requires_grad_(requires_grad)
-    return handle
+def _mask_gradient_of_weight(module: torch.nn.Module) -> None:
+    """Hook the module's current weight so its gradient is multiplied by the module's keep-mask buffer (which
+    follows the module through device moves and casts)."""
+    weight = module.weight
+    requires_grad = weight.requires_grad
+    weight.requires_grad_(True)  # hooks can only be registered on tensors that require grad
+    weight.register_hook(lambda grad: _masked_gradient(module, grad))
+    weight.requires_grad_(requires_grad)
+    weight._hf_dpruner_masked = True
+
+
+def _masked_gradient(module: torch.nn.Module, grad: torch.Tensor) -> torch.Tensor:
+    keep = getattr(module, MASK_BUFFER, None)
+    return grad if keep is None else grad * keep.to(grad.dtype)
+
+
+def _rehook_replaced_weight(module: torch.nn.Module, args: tuple) -> None:
+    """Forward pre-hook: a cast or wrapper may have replaced the weight Parameter; hook the new one."""
+    if not getattr(module.weight, "_hf_dpruner_masked", False):
+        _mask_gradient_of_weight(module)
+
+
+def _install_mask(module: torch.nn.Module, keep: torch.Tensor) -> torch.utils.hooks.RemovableHandle:
+    module.register_buffer(MASK_BUFFER, keep, persistent=False)
+    if not getattr(module.weight, "_hf_dpruner_masked", False):
+        _mask_gradient_of_weight(module)
+    return module.register_forward_pre_hook(_rehook_replaced_weight)
 
 
 def make_pruned(
@@ -128,7 +159,7 @@ def make_pruned(
     already be zero wherever a mask prunes (e.g. a loaded checkpoint), otherwise ValueError.
     """
     params = dict(model.named_parameters())
-    unknown = sorted(set(masks) - set(params))
+    unknown = sorted(name for name in masks if name not in params or not name.endswith(".weight"))
     if unknown:
         raise ValueError(
             f"The masks name {len(unknown)} parameters that {type(model).__name__} does not have, e.g. "
@@ -142,6 +173,8 @@ def make_pruned(
             )
     for handle in getattr(model, "_pruning_hook_handles", []):
         handle.remove()
+    for module in model.modules():
+        module._buffers.pop(MASK_BUFFER, None)
     model.__class__ = _pruned_class(type(model))
     model.pruning_masks = {name: keep.to(device=params[name].device, dtype=torch.bool) for name, keep in masks.items()}
     model.pruning_config = config
@@ -149,8 +182,9 @@ def make_pruned(
     if apply:
         model.apply_pruning_masks()
     model.check_pruned_weights()
+    modules = dict(model.named_modules())
     model._pruning_hook_handles = [
-        _zero_pruned_gradients(params[name], keep) for name, keep in model.pruning_masks.items()
+        _install_mask(modules[name.rsplit(".", 1)[0]], keep) for name, keep in model.pruning_masks.items()
     ]
     return model
 
@@ -181,6 +215,6 @@ class AutoPrunedModelForCausalLM:
         config = None
         if found[PRUNING_CONFIG_NAME] is not None:
             data = read_pruning_record(found[PRUNING_CONFIG_NAME])
-            config = DPrunerConfig.from_dict(data)
+            config = DPrunerConfig.from_dict(data) if "sparsity" in data else None
             record = {k: data[k] for k in ("method", "base_model", "calibration") if k in data}
         return make_pruned(model, masks, config, record)

@@ -168,12 +168,6 @@ def test_layer_by_layer_replay_restores_training_mode(model_factory, calibration
     assert model.training
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="layerwise.iterate_blocks replays the FIRST block's kwargs (its attention_mask) for every block; "
-    "models with per-layer attention types (Qwen2 use_sliding_window, Gemma2/3, ...) get layer 0's full causal "
-    "mask in sliding-window layers, so OBS Hessians of those layers are computed on wrong activations.",
-)
 def test_layer_by_layer_replay_with_mixed_sliding_window_layers(model_factory, calibration_batches):
     model = model_factory("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
     assert model.config.layer_types == ["full_attention", "sliding_attention"]

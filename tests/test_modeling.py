@@ -240,12 +240,6 @@ def test_make_pruned_again_replaces_gradient_hooks(model_factory, random_windows
         assert (params[name].grad[~keep] != 0).any(), name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="modeling._zero_pruned_gradients registers the gradient hooks on the Parameter objects; anything that "
-    "replaces them (here a dtype cast with overwrite_module_params_on_conversion, likewise to_empty/FSDP-style "
-    "re-wrapping) silently drops the hooks, and AdamW then revives pruned weights.",
-)
 def test_masks_survive_a_cast_that_replaces_parameters(model_factory, random_windows):
     model = prune(model_factory("llama"))
     torch.__future__.set_overwrite_module_params_on_conversion(True)
@@ -258,12 +252,6 @@ def test_masks_survive_a_cast_that_replaces_parameters(model_factory, random_win
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.xfail(
-    strict=True,
-    reason="modeling._zero_pruned_gradients captures the keep-mask on the device the model had at make_pruned time "
-    "(CPU after AutoPrunedModelForCausalLM.from_pretrained); after model.to('cuda') -- which the stock Trainer "
-    "does itself -- the hook computes cuda_grad * cpu_mask and backward raises a device-mismatch RuntimeError.",
-)
 def test_training_after_moving_a_pruned_model_to_cuda(model_factory, random_windows):
     model = prune(model_factory("llama")).to("cuda")
     ids = random_windows(2, 8).cuda()
@@ -371,11 +359,6 @@ def test_saving_into_existing_folder_keeps_user_files_and_replaces_weights(model
     assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="modeling._replace_folder skips every entry whose name starts with '.' and then deletes the old folder: "
-    "saving into a git clone of a Hub repo deletes its .git directory and .gitattributes (data loss).",
-)
 def test_saving_into_a_git_clone_keeps_git_files(model_factory, tmp_path):
     out = tmp_path / "out"
     model = prune(model_factory("llama"))
@@ -388,11 +371,6 @@ def test_saving_into_a_git_clone_keeps_git_files(model_factory, tmp_path):
     assert (out / ".git" / "HEAD").read_text() == "ref: refs/heads/main\n"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="modeling._REWRITTEN_PREFIXES drops every user file whose name starts with 'model' (model_card.md, "
-    "modeling_custom.py, model_index.json) when re-saving into an existing folder, not only stale weight files.",
-)
 def test_saving_into_existing_folder_keeps_user_files_named_model_something(model_factory, tmp_path):
     out = tmp_path / "out"
     model = prune(model_factory("llama"))
