@@ -103,7 +103,7 @@ def build_windows(
     needed = seq_len * num_samples
     stream: list[int] = []
     for index in order:
-        stream.extend(tokenizer(texts[index], add_special_tokens=False)["input_ids"] + separator)
+        stream.extend(tokenizer(texts[index], add_special_tokens=False, verbose=False)["input_ids"] + separator)
         if len(stream) >= needed:
             break
     num_windows = min(num_samples, len(stream) // seq_len)

@@ -17,7 +17,7 @@ def _token_stream(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> l
     stream: list[int] = []
     for text in texts:
         if text and text.strip():
-            stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + separator)
+            stream.extend(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] + separator)
     return stream
 
 

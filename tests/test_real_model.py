@@ -21,7 +21,7 @@ def test_prune_embedded_model_save_reload_generate(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     args = TrainingArguments(
-        str(tmp_path / "run"), per_device_train_batch_size=2, optim="sgd", learning_rate=0.03,
+        str(tmp_path / "run"), per_device_train_batch_size=2, num_train_epochs=1, optim="sgd", learning_rate=0.03,
         report_to="none", save_strategy="no", disable_tqdm=True, logging_strategy="no",
     )
     config = DPrunerConfig(sparsity=0.5, num_samples=4, seq_len=64)
