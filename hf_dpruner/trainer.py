@@ -65,6 +65,9 @@ class DPrunerTrainer(Trainer):
     ) -> None:
         self.dpruner_config = dpruner_config if dpruner_config is not None else DPrunerConfig()
         cfg = self.dpruner_config
+        if model is None:
+            raise ValueError("DPrunerTrainer needs `model=` (model_init is not supported: pruning acts on one model).")
+        prunable = find_prunable_weights(model, cfg.target_modules)  # fail fast, before tokenizing data
         seed = args.seed if args is not None else 42
         if train_dataset is not None:
             train_dataset = prepare_calibration_dataset(
@@ -86,7 +89,7 @@ class DPrunerTrainer(Trainer):
             **kwargs,
         )
         self.general_dataset = general_dataset
-        self.prunable = find_prunable_weights(self.model, cfg.target_modules)
+        self.prunable = prunable
         self.general_importance_path = None
         self.general_importance: dict[str, torch.Tensor] | None = None
         if isinstance(general_importance, (str, os.PathLike)):

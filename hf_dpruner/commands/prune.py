@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -62,6 +63,8 @@ def parse(argv: list[str]) -> tuple[DPrunerConfig, PruneArguments, PruneTraining
     config, prune_args, training_args = parser.parse_args_into_dataclasses(argv)
     if not training_args.output_dir:
         parser.error("--output-dir is required.")
+    if os.path.isfile(training_args.output_dir):
+        raise ValueError(f"--output-dir {training_args.output_dir} is a file, not a folder: choose a folder path.")
     if prune_args.domain_data is None and prune_args.domain not in DOMAIN_CORPORA:
         parser.error(f"--domain must be one of {list(DOMAIN_CORPORA)} (or give --domain-data).")
     return config, prune_args, training_args
