@@ -26,6 +26,20 @@ def topk_mask(scores: torch.Tensor, num_pruned: int) -> torch.Tensor:
     return keep
 
 
+def lowest_k_mask(scores: torch.Tensor, num_pruned: int) -> torch.Tensor:
+    """Keep-mask over a flat tensor pruning its `num_pruned` lowest scores; same result as `topk_mask` (ties:
+    lowest index first) via a k-th value selection, which is much faster than sorting large matrices."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if num_pruned <= 0:
+        return keep
+    scores = scores.float()
+    threshold = torch.kthvalue(scores, num_pruned).values
+    keep[scores < threshold] = False
+    missing = num_pruned - int((~keep).sum())
+    keep[torch.nonzero(scores == threshold).flatten()[:missing]] = False
+    return keep
+
+
 def compute_mask(scores: torch.Tensor, sparsity: float, sparsity_type: str, input_dim: int = 1) -> torch.Tensor:
     """Keep-mask (True = keep) for one weight from its importance scores (higher = more important).
 
@@ -37,7 +51,7 @@ def compute_mask(scores: torch.Tensor, sparsity: float, sparsity_type: str, inpu
         raise ValueError("Importance scores contain NaN or Inf; check the calibration data and the model dtype.")
     out_in = scores.t() if input_dim == 0 else scores
     if sparsity_type == "unstructured":
-        keep = topk_mask(out_in.reshape(1, -1), round(sparsity * out_in.numel())).reshape(out_in.shape)
+        keep = lowest_k_mask(out_in.reshape(-1), round(sparsity * out_in.numel())).reshape(out_in.shape)
     elif sparsity_type == "row":
         keep = topk_mask(out_in, round(sparsity * out_in.shape[1]))
     else:

@@ -250,3 +250,15 @@ def test_apply_masks_rejects_unknown_parameter(model_factory):
     model = model_factory("llama")
     with pytest.raises(ValueError, match="names no parameter"):
         apply_masks(model, {"model.layers.9.mlp.up_proj.weight": torch.ones(128, 64, dtype=torch.bool)})
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_unstructured_selection_with_ties_prunes_lowest_index_first(seed):
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 4, (12, 10), generator=generator).float()  # many ties
+    num_pruned = round(0.55 * scores.numel())
+    keep = compute_mask(scores, 0.55, "unstructured")
+    order = sorted(range(scores.numel()), key=lambda i: (scores.flatten()[i].item(), i))
+    expected = torch.ones(scores.numel(), dtype=torch.bool)
+    expected[order[:num_pruned]] = False
+    assert torch.equal(keep.flatten(), expected)
