@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
 from .config import DPrunerConfig
 from .targets import PrunableWeight, module_type
@@ -64,14 +65,17 @@ def compute_mask(scores: torch.Tensor, sparsity: float, sparsity_type: str, inpu
 
 
 def compute_masks(
-    scores: Mapping[str, torch.Tensor], weights: Mapping[str, PrunableWeight], config: DPrunerConfig
+    scores: Mapping[str, torch.Tensor],
+    weights: Mapping[str, PrunableWeight],
+    config: DPrunerConfig,
+    disable_tqdm: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Keep-masks for every scored weight, honouring `sparsity_type` and `layer_sparsity`."""
     return {
         name: compute_mask(
             score, config.sparsity_for(name), config.sparsity_type, weights[name].input_dim
         ).to(weights[name].weight.device)
-        for name, score in scores.items()
+        for name, score in tqdm(scores.items(), desc="masks", disable=disable_tqdm)
     }
 
 

@@ -117,7 +117,7 @@ class DPrunerTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
-        if self.loss_is_scaled_for_ga is not None:
+        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
             return self.loss_is_scaled_for_ga
         return bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
             self.compute_loss_func is not None
@@ -209,7 +209,7 @@ class DPrunerTrainer(Trainer):
         scores = self.compute_domain_importance()
         seconds["domain_importance"] = time.perf_counter() - start
         start = time.perf_counter()
-        masks = compute_masks(scores, self.prunable, cfg)
+        masks = compute_masks(scores, self.prunable, cfg, disable_tqdm=self.args.disable_tqdm)
         if cfg.apply_masks_to == "original":
             self._restore_original_weights()
         record = {

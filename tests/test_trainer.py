@@ -237,3 +237,13 @@ def test_missing_general_data_is_explained(tmp_path):
     trainer = make_trainer(tmp_path, general_dataset=None)
     with pytest.raises(ValueError, match="general_dataset="):
         trainer.prune()
+
+
+def test_user_training_arguments_apply_to_the_domain_pass(tmp_path):
+    args = training_args(tmp_path, save_strategy="steps", save_steps=2, logging_strategy="steps", logging_steps=1)
+    trainer = make_trainer(tmp_path, args=args)
+    trainer.prune()
+    checkpoints = sorted(p.name for p in (tmp_path / "run").glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-2", "checkpoint-4"]
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 4 and all(loss > 0 for loss in losses)
