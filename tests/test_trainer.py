@@ -5,24 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainingArguments
+from conftest import build_tiny
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, TrainingArguments
 
 from hf_dpruner import DPrunerConfig, DPrunerTrainer
 from hf_dpruner.importance import load_importance
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
+    return build_tiny("llama", seed)
 
 
 def windows(n: int, length: int = 16, low: int = 0, high: int = 128, seed: int = 0) -> Dataset:
