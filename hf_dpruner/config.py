@@ -74,6 +74,14 @@ class DPrunerConfig:
     regularization_lambda: float = field(
         default=0.1, metadata={"help": "Weight lambda of the regularizer lambda * sum(G * (W - W0)^2); 0 disables it."}
     )
+    clamp_general_importance: bool = field(
+        default=True,
+        metadata={
+            "help": "In the 'finetune' pass, clamp G at 1 / (2 * lambda * learning_rate), the largest value for "
+            "which an SGD step on the penalty does not overshoot W0 (without it heavy-tailed OBS scores make the "
+            "domain pass diverge)."
+        },
+    )
     domain_pass: str = field(
         default="finetune",
         metadata={

@@ -117,7 +117,7 @@ class DPrunerTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
-        if getattr(self, "loss_is_scaled_for_ga", None) is not None:
+        if self.loss_is_scaled_for_ga is not None:
             return self.loss_is_scaled_for_ga
         return bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
             self.compute_loss_func is not None
@@ -152,8 +152,11 @@ class DPrunerTrainer(Trainer):
         if self.train_dataset is None:
             raise ValueError("Stage 2 needs domain text: pass `train_dataset=` (the domain calibration data).")
         cfg = self.dpruner_config
+        bound = None
+        if cfg.domain_pass == "finetune" and cfg.clamp_general_importance:
+            bound = GeneralImportanceRegularizer.sgd_stable_bound(cfg.regularization_lambda, self.args.learning_rate)
         self.regularizer = GeneralImportanceRegularizer(
-            self.prunable, self.compute_general_importance(), cfg.regularization_lambda
+            self.prunable, self.compute_general_importance(), cfg.regularization_lambda, bound
         )
         self.domain_importance = DomainImportance(self.prunable, cfg.domain_score)
         if cfg.domain_pass == "finetune" and cfg.apply_masks_to == "original":

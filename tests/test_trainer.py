@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from datasets import Dataset
@@ -238,3 +240,21 @@ def test_user_training_arguments_apply_to_the_domain_pass(tmp_path):
     assert checkpoints == ["checkpoint-2", "checkpoint-4"]
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 4 and all(loss > 0 for loss in losses)
+
+
+def test_clamped_general_importance_keeps_the_domain_pass_stable(tmp_path):
+    """Unclamped, 2*lr*lambda*G >> 2 makes SGD on the penalty oscillate and blow up; clamped it cannot."""
+    def final_penalty(clamp: bool) -> float:
+        config = DPrunerConfig(regularization_lambda=1.0, clamp_general_importance=clamp, apply_masks_to="tuned")
+        args = training_args(tmp_path, num_train_epochs=4, max_grad_norm=0.0, learning_rate=0.05)
+        trainer = make_trainer(tmp_path, config=config, args=args)
+        general = trainer.compute_general_importance()
+        trainer.general_importance = {name: torch.full_like(g, 200.0) for name, g in general.items()}
+        trainer.compute_domain_importance()
+        if clamp:
+            assert max(g.max().item() for g in trainer.regularizer.importance.values()) == pytest.approx(10.0)
+        return trainer.regularizer().item()
+
+    assert final_penalty(clamp=True) < 1.0
+    unstable = final_penalty(clamp=False)
+    assert not math.isfinite(unstable) or unstable > 1e3
