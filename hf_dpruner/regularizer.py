@@ -9,6 +9,22 @@ import torch
 from .targets import PrunableWeight
 
 
+class _WeightPenalty(torch.autograd.Function):
+    """``λ·Σ G·(W − W₀)²`` for one weight, saving only references (no model-sized temporaries kept for backward)."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, reference: torch.Tensor, importance: torch.Tensor, lam: float):
+        ctx.save_for_backward(weight, reference, importance)
+        ctx.lam = lam
+        return lam * (importance * (weight.float() - reference.float()).square()).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        weight, reference, importance = ctx.saved_tensors
+        grad = (2.0 * ctx.lam) * grad_output * importance * (weight.float() - reference.float())
+        return grad.to(weight.dtype), None, None, None
+
+
 class GeneralImportanceRegularizer:
     """Keeps weights that matter for general text near their pretrained values W₀.
 
@@ -52,8 +68,8 @@ class GeneralImportanceRegularizer:
         if self.lam == 0:
             return total
         for name, w in self.weights.items():
-            total = total + (self.importance[name] * (w.weight.float() - self.reference[name].float()).square()).sum()
-        return self.lam * total
+            total = total + _WeightPenalty.apply(w.weight, self.reference[name], self.importance[name], self.lam)
+        return total
 
     def lookahead_gradient(self, name: str, grad: torch.Tensor, lr: float) -> torch.Tensor:
         """Gradient of the full loss at the look-ahead point ``W = W₀ − lr·g``: ``g · (1 − 2·λ·lr·G)``."""
