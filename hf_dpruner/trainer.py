@@ -105,14 +105,18 @@ class DPrunerTrainer(Trainer):
     # ---- the refined loss ----
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """LM loss plus the general-importance regularizer, scaled consistently under gradient accumulation."""
+        """LM loss plus the general-importance regularizer.
+
+        The weights do not change within a gradient-accumulation window, so the penalty is added once per optimizer
+        step (on the micro-batch that syncs gradients), scaled so that its gradient counts exactly once whether or
+        not `training_step` later divides the loss by the accumulation steps.
+        """
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if self.regularizer is not None and model.training and self.regularizer.lam > 0:
-            penalty = self.regularizer()
-            if self._loss_is_scaled_for_ga(num_items_in_batch):
-                # training_step will not divide this loss by the accumulation steps: do it for the penalty, which
-                # is otherwise added once per micro-batch.
-                penalty = penalty / self.current_gradient_accumulation_steps
+        regularizer = self.regularizer
+        if regularizer is not None and regularizer.lam > 0 and model.training and self.accelerator.sync_gradients:
+            penalty = regularizer()
+            if not self._loss_is_scaled_for_ga(num_items_in_batch):
+                penalty = penalty * self.current_gradient_accumulation_steps
             loss = loss + penalty.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
 

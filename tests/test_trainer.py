@@ -105,8 +105,10 @@ def test_general_importance_changes_domain_scores_in_score_pass(tmp_path):
     assert trainer.domain_importance.num_updates == 4
 
 
-def test_regularizer_is_correct_under_gradient_accumulation(tmp_path):
-    """GA=4 x batch 1 must train exactly like GA=1 x batch 4, the regularizer included (it must matter)."""
+@pytest.mark.parametrize("loss_kwargs", [True, False], ids=["loss-normalized-by-items", "loss-divided-by-ga"])
+def test_regularizer_is_correct_under_gradient_accumulation(tmp_path, loss_kwargs):
+    """GA=4 x batch 1 must train exactly like GA=1 x batch 4, the regularizer included (it must matter), both
+    when the model normalizes the loss over the accumulated batch and when the Trainer divides it by GA."""
     runs = {}
     for label, lam, batch, accumulation in [
         ("ga", 1e3, 1, 4),
@@ -118,6 +120,7 @@ def test_regularizer_is_correct_under_gradient_accumulation(tmp_path):
             tmp_path, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, num_train_epochs=3
         )
         trainer = make_trainer(tmp_path, config=config, args=args)
+        trainer.model_accepts_loss_kwargs = loss_kwargs
         scores = trainer.compute_domain_importance()
         runs[label] = (scores, {n: w.weight.detach().clone() for n, w in trainer.prunable.items()})
         assert trainer.domain_importance.num_updates == 6  # 8 windows / 4 per step * 3 epochs

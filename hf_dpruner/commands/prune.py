@@ -52,7 +52,10 @@ class PruneTrainingArguments(TrainingArguments):
     optim: str = field(default="sgd", metadata={"help": "Optimizer of the domain pass (the paper used SGD)."})
     learning_rate: float = field(default=0.03, metadata={"help": "Learning rate of the domain pass (paper: 0.03)."})
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs of the domain pass over the windows."})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "Calibration batch size."})
+    per_device_train_batch_size: int = field(default=1, metadata={"help": "Calibration micro-batch size."})
+    gradient_accumulation_steps: int = field(
+        default=4, metadata={"help": "Micro-batches per optimizer step (4 x 1 keeps activation memory low)."}
+    )
     lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpointing during the domain pass."})
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
