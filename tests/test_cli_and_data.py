@@ -95,6 +95,27 @@ def test_cli_output_dir_that_is_a_file_is_rejected(tiny_model_dir, tmp_path):
               "--output-dir", str(tmp_path / "taken"), "--disable-tqdm", "true"])
 
 
+def test_cli_eval_compares_pruned_and_dense(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "general.txt").write_text(text(3, 300))
+    (tmp_path / "domain.txt").write_text(text(4, 300))
+    out = tmp_path / "out"
+    main(["prune", "--model", str(tiny_model_dir), "--general-data", str(tmp_path / "general.txt"),
+          "--domain-data", str(tmp_path / "domain.txt"), "--num-samples", "4", "--seq-len", "16",
+          "--output-dir", str(out), "--disable-tqdm", "true"])
+    capsys.readouterr()
+    assert main(["eval", str(out), "--baseline-model", str(tiny_model_dir), "--general-data",
+                 str(tmp_path / "general.txt"), "--seq-len", "32"]) == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    assert set(results["models"]) == {"dense", "pruned"}
+    assert results["settings"]["domain_data"] == str(tmp_path / "domain.txt")  # read from pruning_config.json
+    assert results["settings"]["seq_len"] == 32 and results["settings"]["stride"] == 32
+    dense, pruned = results["models"]["dense"], results["models"]["pruned"]
+    assert dense["domain"]["num_tokens"] == pruned["domain"]["num_tokens"] > 0
+    assert dense["domain"]["perplexity"] != pruned["domain"]["perplexity"]
+    printed = capsys.readouterr().out
+    assert f"{pruned['general']['perplexity']:.2f}" in printed
+
+
 def test_cli_dispatcher(capsys):
     assert main([]) == 2
     assert main(["--help"]) == 0
