@@ -181,3 +181,18 @@ def test_perplexity_matches_hand_computation():
     assert strided["num_tokens"] == len(ids) - 1  # every token but the first scored exactly once
     with pytest.raises(ValueError, match="stride"):
         perplexity(model, tokenizer, texts, seq_len=8, stride=9)
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_cli_prune_with_a_baseline_method(tiny_model_dir, tmp_path, method):
+    (tmp_path / "domain.txt").write_text(text(5, 400))
+    out = tmp_path / method
+    assert main(["prune", "--method", method, "--model", str(tiny_model_dir), "--domain-data",
+                 str(tmp_path / "domain.txt"), "--sparsity", "0.5", "--num-samples", "4", "--seq-len", "16",
+                 "--output-dir", str(out), "--disable-tqdm", "true"]) == 0
+    record = json.loads((out / "pruning_config.json").read_text())
+    assert record["method"] == method
+    assert record["calibration"]["data"] == (None if method == "magnitude" else "domain")
+    assert record["achieved_sparsity"]["overall"] == pytest.approx(0.5, abs=1e-3)
+    assert not (out / "training_args.bin").exists()  # only safetensors and JSON in the checkpoint
+    assert AutoPrunedModelForCausalLM.from_pretrained(out).pruning_sparsity()["overall"] == pytest.approx(0.5, abs=1e-3)

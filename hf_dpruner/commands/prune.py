@@ -15,13 +15,22 @@ from ..config import DPrunerConfig
 from ..corpora import DOMAIN_CORPORA, GENERAL_CORPUS
 from ..data import load_texts
 from ..resources import DEFAULT_MODEL_NAME, default_model_path
-from ..trainer import DPrunerTrainer, PruningResult
+from ..methods import CALIBRATION_CHOICES, METHODS, prune_model
+from ..trainer import PruningResult
 
 
 @dataclass
 class PruneArguments:
     """What to prune and on which data."""
 
+    method: str = field(
+        default="dpruner", metadata={"help": "dpruner (default), or a peer baseline: magnitude, wanda, sparsegpt."}
+    )
+    calibration: str = field(
+        default="domain",
+        metadata={"help": "Data the baselines calibrate on: 'domain' (default, their strongest setting) or "
+                  "'general' (the classic setting). D-Pruner always uses both."},
+    )
     model: str | None = field(
         default=None, metadata={"help": "Hub id or local folder. Default: the embedded SmolLM2-135M-Instruct."}
     )
@@ -68,6 +77,10 @@ def parse(argv: list[str]) -> tuple[DPrunerConfig, PruneArguments, PruneTraining
         parser.error("--output-dir is required.")
     if os.path.isfile(training_args.output_dir):
         raise ValueError(f"--output-dir {training_args.output_dir} is a file, not a folder: choose a folder path.")
+    if prune_args.method not in METHODS:
+        parser.error(f"--method must be one of {list(METHODS)}, got {prune_args.method!r}.")
+    if prune_args.calibration not in CALIBRATION_CHOICES:
+        parser.error(f"--calibration must be one of {list(CALIBRATION_CHOICES)}, got {prune_args.calibration!r}.")
     if prune_args.domain_data is None and prune_args.domain not in DOMAIN_CORPORA:
         parser.error(f"--domain must be one of {list(DOMAIN_CORPORA)} (or give --domain-data).")
     return config, prune_args, training_args
@@ -97,21 +110,24 @@ def main(argv: list[str]) -> int:
     )
     domain_source = prune_args.domain_data or DOMAIN_CORPORA[prune_args.domain]
     general_source = prune_args.general_data or GENERAL_CORPUS
-    trainer = DPrunerTrainer(
-        model=model,
-        args=training_args,
-        dpruner_config=config,
-        train_dataset=load_texts(domain_source),
-        general_dataset=load_texts(general_source),
-        processing_class=tokenizer,
+    needs_general = prune_args.method == "dpruner" or prune_args.calibration == "general"
+    model, result = prune_model(
+        model,
+        tokenizer,
+        prune_args.method,
+        config,
+        training_args,
+        general_texts=load_texts(general_source) if needs_general else None,
+        domain_texts=load_texts(domain_source),
+        calibration=prune_args.calibration,
         general_importance=prune_args.general_importance,
     )
-    start = time.perf_counter()
-    result = trainer.prune()
-    trainer.model.pruning_record["base_model"] = prune_args.model or DEFAULT_MODEL_NAME
-    trainer.model.pruning_record["calibration"].update(general_data=general_source, domain_data=domain_source)
-    trainer.save_model(training_args.output_dir)
-    result.stage_seconds["save"] = time.perf_counter() - start - sum(result.stage_seconds.values())
+    model.pruning_record["base_model"] = prune_args.model or DEFAULT_MODEL_NAME
+    model.pruning_record["calibration"].update(general_data=general_source, domain_data=domain_source)
+    save_start = time.perf_counter()
+    model.save_pretrained(training_args.output_dir)
+    tokenizer.save_pretrained(training_args.output_dir)
+    result.stage_seconds["save"] = time.perf_counter() - save_start
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(summary_table(result, peak_mib))
     print(f"saved: {training_args.output_dir}")
