@@ -4,6 +4,8 @@ from .base import ImportanceScorer, load_importance, save_importance
 from .domain import DomainImportance
 from .general import FisherImportance, OBSImportance, general_scorer
 from .magnitude import MagnitudeImportance
+from .sparsegpt import inverse_hessian_cholesky, sparsegpt_prune
+from .wanda import wanda_scores
 
 __all__ = [
     "DomainImportance",
@@ -12,6 +14,9 @@ __all__ = [
     "MagnitudeImportance",
     "OBSImportance",
     "general_scorer",
+    "inverse_hessian_cholesky",
     "load_importance",
     "save_importance",
+    "sparsegpt_prune",
+    "wanda_scores",
 ]

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from ..layerwise import iterate_blocks
 from ..targets import PrunableWeight
 from .base import ImportanceScorer
+from .sparsegpt import inverse_hessian_cholesky
 
 
 def obs_saliency(weight_out_in: torch.Tensor, hessian: torch.Tensor, damping: float) -> torch.Tensor:
@@ -19,19 +20,7 @@ def obs_saliency(weight_out_in: torch.Tensor, hessian: torch.Tensor, damping: fl
     ``diag(U)^2`` is the OBS denominator ``[H^-1]_qq`` of each column eliminated in order. Inputs that never
     fire (zero Hessian diagonal) get a unit diagonal so the factorisation exists.
     """
-    h = hessian.double().clone()
-    diag = torch.diagonal(h)
-    diag[diag == 0] = 1.0
-    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    mean_diag = diag.mean()
-    for attempt in range(5):
-        chol, info = torch.linalg.cholesky_ex(h + damping * (10**attempt) * mean_diag * eye)
-        if info == 0:
-            break
-    else:
-        raise ValueError("The calibration Hessian is not positive definite even with 10000x damping; "
-                         "check the calibration data for NaN/Inf activations.")
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+    upper, _ = inverse_hessian_cholesky(hessian, damping)
     return (weight_out_in.double() ** 2 / torch.diagonal(upper).unsqueeze(0) ** 2).float()
 
 
