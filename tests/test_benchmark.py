@@ -1,0 +1,52 @@
+"""The side-by-side benchmark: its report logic on fabricated rows, and the quick mode end to end (slow)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_run", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(method, domain_ppl, general_ppl, seconds):
+    return {"domain": "medical", "sparsity": "0.5", "method": method, "domain_ppl": domain_ppl,
+            "general_ppl": general_ppl, "prune_seconds": seconds, "peak_rss_mib": 1000.0}
+
+
+def test_goals_and_table_from_rows():
+    bench = load_benchmark()
+    rows = [row("dense", 20, 40, 0), row("wanda", 60, 100, 5), row("sparsegpt", 50, 90, 20),
+            row("dpruner", 45, 93, 60), row("dpruner-cached", 45, 93, 25)]
+    goals = "\n".join(bench.goals(rows))
+    assert "domain ppl +10.0% lower than the best peer (sparsegpt; goal >= +5%: met)" in goals
+    assert "general ppl +3.3% vs the better peer (goal <= +5%: met)" in goals
+    assert "time 3.00x SparseGPT (goal <= 2.5x: MISSED)" in goals
+    assert "cached general importance: 1.25x SparseGPT (goal <= 1.5x: met)" in goals
+    table = bench.markdown(rows, {"num_samples": 4, "seq_len": 128, "eval_tokens": 2048, "eval_seq_len": 256})
+    assert "| medical | 0.5 | dpruner | 45.00 | 93.00 | 60.0 | 3.00 | 1000 |" in table
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_results(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--output-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "quick.json").read_text())
+    runs = {r["method"]: r for r in results["runs"]}
+    assert set(runs) == {"dense", "magnitude", "wanda", "sparsegpt", "dpruner", "dpruner-cached"}
+    assert runs["dense"]["domain_ppl"] < runs["sparsegpt"]["domain_ppl"] < runs["magnitude"]["domain_ppl"]
+    assert runs["dpruner-cached"]["prune_seconds"] < runs["dpruner"]["prune_seconds"]
+    assert "| medical | 0.5 | wanda |" in (tmp_path / "quick.md").read_text()
+    assert (tmp_path / "quick_domain_vs_general.png").stat().st_size > 10_000
