@@ -89,7 +89,8 @@ def goals(rows: list[dict]) -> list[str]:
         domain_gain = 1 - d["domain_ppl"] / peer["domain_ppl"]
         general_loss = d["general_ppl"] / min(by["wanda"]["general_ppl"], by["sparsegpt"]["general_ppl"]) - 1
         time_ratio = d["prune_seconds"] / by["sparsegpt"]["prune_seconds"]
-        lines.append(f"- {domain} {sparsity}: domain ppl {domain_gain:+.1%} lower than the best peer "
+        direction = "lower" if domain_gain >= 0 else "higher"
+        lines.append(f"- {domain} {sparsity}: domain ppl {abs(domain_gain):.1%} {direction} than the best peer "
                      f"({peer['method']}; goal >= +5%: {'met' if domain_gain >= 0.05 else 'MISSED'}); general ppl "
                      f"{general_loss:+.1%} vs the better peer (goal <= +5%: {'met' if general_loss <= 0.05 else 'MISSED'})"
                      f"; time {time_ratio:.2f}x SparseGPT (goal <= 2.5x: {'met' if time_ratio <= 2.5 else 'MISSED'})")

@@ -30,7 +30,7 @@ def test_goals_and_table_from_rows():
     rows = [row("dense", 20, 40, 0), row("wanda", 60, 100, 5), row("sparsegpt", 50, 90, 20),
             row("dpruner", 45, 93, 60), row("dpruner-cached", 45, 93, 25)]
     goals = "\n".join(bench.goals(rows))
-    assert "domain ppl +10.0% lower than the best peer (sparsegpt; goal >= +5%: met)" in goals
+    assert "domain ppl 10.0% lower than the best peer (sparsegpt; goal >= +5%: met)" in goals
     assert "general ppl +3.3% vs the better peer (goal <= +5%: met)" in goals
     assert "time 3.00x SparseGPT (goal <= 2.5x: MISSED)" in goals
     assert "cached general importance: 1.25x SparseGPT (goal <= 1.5x: met)" in goals
