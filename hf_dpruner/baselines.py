@@ -24,7 +24,7 @@ from .config import DPrunerConfig
 from .importance.magnitude import MagnitudeImportance
 from .importance.sparsegpt import sparsegpt_prune
 from .importance.wanda import wanda_scores
-from .layerwise import BlockStep, iterate_blocks
+from .layerwise import input_statistics, iterate_blocks
 from .masks import apply_masks, compute_mask, compute_masks
 from .targets import PrunableWeight, find_prunable_weights
 
@@ -68,7 +68,7 @@ def prune_baseline(
         targets = by_block.get(step.index, [])
         if not targets:
             continue
-        stats = _input_statistics(step, targets, batches, gram=method == "sparsegpt")
+        stats = input_statistics(step, targets, batches, gram=method == "sparsegpt")
         for w in targets:
             second_moment, count = stats[w.name]
             if method == "wanda":
@@ -94,55 +94,3 @@ def _prune_sparsegpt(w: PrunableWeight, hessian: torch.Tensor, config: DPrunerCo
     # as_out_in is a transpose for Conv1D (its own inverse) and the identity for nn.Linear: back to weight layout
     w.weight.copy_(w.as_out_in(new_weight))
     return w.as_out_in(keep).contiguous()
-
-
-def _input_statistics(
-    step: BlockStep, targets: list[PrunableWeight], batches: Sequence[Mapping[str, torch.Tensor]], gram: bool
-) -> dict[str, tuple[torch.Tensor, int]]:
-    """Run the block once over its inputs with hooks on `targets`; per module, over non-padding tokens,
-    ``Σ x²`` per input feature (``gram=False``) or ``XᵀX`` (``gram=True``), in fp32, and the token count."""
-    token_masks = [_token_mask(batch) for batch in batches]
-    acc: dict[str, list] = {}
-    for w in targets:
-        size = w.weight.shape[w.input_dim]
-        shape = (size, size) if gram else (size,)
-        acc[w.name] = [torch.zeros(shape, dtype=torch.float32, device=w.weight.device), 0]
-    batch_index = [-1]
-
-    def next_batch(module: torch.nn.Module, args: tuple) -> None:
-        batch_index[0] += 1
-
-    def make_hook(name: str):
-        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).float()
-            keep = token_masks[batch_index[0]]
-            if keep is not None and keep.numel() == x.shape[0]:  # modules seeing every token of the batch
-                x = x[keep.to(x.device)]
-            if gram:
-                acc[name][0].addmm_(x.t(), x)
-            else:
-                acc[name][0].add_((x * x).sum(0))
-            acc[name][1] += x.shape[0]
-
-        return hook
-
-    handles = [step.block.register_forward_pre_hook(next_batch)]
-    handles += [w.module.register_forward_hook(make_hook(w.name)) for w in targets]
-    try:
-        step.forward()
-    finally:
-        for handle in handles:
-            handle.remove()
-    for w in targets:
-        if acc[w.name][1] == 0:
-            raise ValueError(f"{w.module_name} received no calibration tokens; is it used in forward()?")
-    return {name: (value, count) for name, (value, count) in acc.items()}
-
-
-def _token_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
-    """Flat boolean mask of the non-padding tokens of a batch, or None when it has no padding."""
-    attention = batch.get("attention_mask")
-    if attention is None or bool(attention.all()):
-        return None
-    return attention.reshape(-1).bool()

@@ -6,7 +6,7 @@ embeddings, per-layer masks and any other layer kwargs come from the model itsel
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .targets import decoder_layers
+from .targets import PrunableWeight, decoder_layers
 
 
 class _InputsCaptured(Exception):
@@ -91,3 +91,55 @@ def iterate_blocks(
             hidden = step.forward()
     finally:
         model.train(was_training)
+
+
+def input_statistics(
+    step: BlockStep, targets: list[PrunableWeight], batches: Sequence[Mapping[str, torch.Tensor]], gram: bool
+) -> dict[str, tuple[torch.Tensor, int]]:
+    """Run the block once over its inputs with hooks on `targets`; per module, over non-padding tokens,
+    ``Σ x²`` per input feature (``gram=False``) or ``XᵀX`` (``gram=True``), in fp32, and the token count."""
+    token_masks = [_token_mask(batch) for batch in batches]
+    acc: dict[str, list] = {}
+    for w in targets:
+        size = w.weight.shape[w.input_dim]
+        shape = (size, size) if gram else (size,)
+        acc[w.name] = [torch.zeros(shape, dtype=torch.float32, device=w.weight.device), 0]
+    batch_index = [-1]
+
+    def next_batch(module: torch.nn.Module, args: tuple) -> None:
+        batch_index[0] += 1
+
+    def make_hook(name: str):
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]).float()
+            keep = token_masks[batch_index[0]]
+            if keep is not None and keep.numel() == x.shape[0]:  # modules seeing every token of the batch
+                x = x[keep.to(x.device)]
+            if gram:
+                acc[name][0].addmm_(x.t(), x)
+            else:
+                acc[name][0].add_((x * x).sum(0))
+            acc[name][1] += x.shape[0]
+
+        return hook
+
+    handles = [step.block.register_forward_pre_hook(next_batch)]
+    handles += [w.module.register_forward_hook(make_hook(w.name)) for w in targets]
+    try:
+        step.forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    for w in targets:
+        if acc[w.name][1] == 0:
+            raise ValueError(f"{w.module_name} received no calibration tokens; is it used in forward()?")
+    return {name: (value, count) for name, (value, count) in acc.items()}
+
+
+def _token_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+    """Flat boolean mask of the non-padding tokens of a batch, or None when it has no padding."""
+    attention = batch.get("attention_mask")
+    if attention is None or bool(attention.all()):
+        return None
+    return attention.reshape(-1).bool()

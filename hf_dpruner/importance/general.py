@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..layerwise import iterate_blocks
+from ..layerwise import input_statistics, iterate_blocks
 from ..targets import PrunableWeight
 from .base import ImportanceScorer
 from .sparsegpt import inverse_hessian_cholesky
@@ -46,34 +46,12 @@ class OBSImportance(ImportanceScorer):
         scores: dict[str, torch.Tensor] = {}
         for step in iterate_blocks(model, batches, desc="general importance (OBS)", disable_tqdm=disable_tqdm):
             targets = by_block.get(step.index, [])
-            hessians = {w.name: self._accumulator(w) for w in targets}
-            handles = [w.module.register_forward_hook(self._hook(hessians[w.name])) for w in targets]
-            try:
-                step.forward()
-            finally:
-                for handle in handles:
-                    handle.remove()
+            statistics = input_statistics(step, targets, batches, gram=True)
             for w in targets:
-                hessian, count = hessians[w.name]["h"], hessians[w.name]["n"]
-                if count == 0:
-                    raise ValueError(f"{w.module_name} received no calibration inputs; is it used in forward()?")
-                saliency = obs_saliency(w.as_out_in(w.weight.detach()), hessian * (2.0 / count), self.damping)
+                gram, count = statistics[w.name]
+                saliency = obs_saliency(w.as_out_in(w.weight.detach()), gram * (2.0 / count), self.damping)
                 scores[w.name] = saliency.t().contiguous() if w.input_dim == 0 else saliency
         return scores
-
-    @staticmethod
-    def _accumulator(w: PrunableWeight) -> dict:
-        size = w.weight.shape[w.input_dim]
-        return {"h": torch.zeros(size, size, dtype=torch.float32, device=w.weight.device), "n": 0}
-
-    @staticmethod
-    def _hook(acc: dict):
-        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            acc["h"].addmm_(x.t(), x)
-            acc["n"] += x.shape[0]
-
-        return hook
 
 
 class FisherImportance(ImportanceScorer):
