@@ -118,6 +118,16 @@ def build_windows(
     return Dataset.from_dict({"input_ids": windows, "attention_mask": [[1] * seq_len for _ in windows]})
 
 
+def describe_source(data: Any) -> str | None:
+    """A name for calibration data in the checkpoint's record: the path, corpus or `datasets` name it came from;
+    None for in-memory data with no name."""
+    if isinstance(data, (str, Path)):
+        return str(data)
+    if isinstance(data, Dataset):
+        return data.info.dataset_name or data.info.builder_name or None
+    return None
+
+
 def prepare_calibration_dataset(
     data: Dataset | Sequence[str] | str | Path,
     tokenizer: PreTrainedTokenizerBase | None,

@@ -13,14 +13,19 @@ from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
-from transformers.utils import cached_file
+from huggingface_hub import CommitInfo
 
 from . import __version__
 from .config import PRUNING_CONFIG_NAME, DPrunerConfig, read_pruning_record
+from .hub import local_checkpoint, push_folder_to_hub
 from .masks import MASKS_NAME, apply_masks, load_masks, save_masks, sparsity_report
+from .model_card import CARD_NAME, EVAL_RESULTS_NAME, write_model_card
 
-# Weight files of a previous save that would be stale beside the new ones (other sharding or format).
-_STALE_WEIGHTS = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+# Files of a previous save that would be stale beside the new ones: weights of another sharding or format, and
+# evaluation results of the previous weights.
+_STALE_FILES = re.compile(
+    rf"^((model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?|{re.escape(EVAL_RESULTS_NAME)})$"
+)
 MASK_BUFFER = "pruning_keep_mask"
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
@@ -54,9 +59,16 @@ class PrunedModelMixin:
                 )
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, is_main_process: bool = True, push_to_hub: bool = False, **kwargs
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        push_to_hub: bool = False,
+        overwrite_card: bool = False,
+        **kwargs,
     ) -> None:
-        """Save the standard checkpoint plus masks and pruning config; a failed save leaves no partial folder."""
+        """Save the standard checkpoint plus masks, pruning config and model card (``README.md``); a failed save
+        leaves no partial folder. A README in the folder that hf_dpruner did not write is kept unless
+        `overwrite_card`. ``push_to_hub=True`` then uploads the folder (``repo_id=`` defaults to its name)."""
         target = Path(save_directory)
         if target.exists() and not target.is_dir():
             raise ValueError(f"Cannot save to {target}: it is a file. Choose a folder path for the checkpoint.")
@@ -70,12 +82,41 @@ class PrunedModelMixin:
             save_masks(self.pruning_masks, tmp / MASKS_NAME)
             record = {**self.pruning_record, "hf_dpruner_version": __version__, "achieved_sparsity": self._summary()}
             write_pruning_config(tmp, self.pruning_config, record)
+            write_model_card(tmp, overwrite_card, existing=target / CARD_NAME, model_name=target.resolve().name)
             _replace_folder(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         if push_to_hub:
-            self.push_to_hub(kwargs.get("repo_id") or target.name, token=kwargs.get("token"))
+            hub_kwargs = {k: kwargs[k] for k in ("private", "revision", "commit_message", "token") if k in kwargs}
+            push_folder_to_hub(target, kwargs.get("repo_id") or target.name, **hub_kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        tokenizer=None,
+        **save_kwargs,
+    ) -> CommitInfo:
+        """Upload the model with its masks, pruning config and model card in one commit (the card is ours, not
+        transformers' generic one). Pass `tokenizer` to upload it in the same commit. Other keyword arguments go to
+        `save_pretrained` (e.g. ``max_shard_size``, ``safe_serialization``)."""
+        for unsupported in ("use_temp_dir", "tags"):
+            save_kwargs.pop(unsupported, None)
+        with tempfile.TemporaryDirectory(prefix="hf_dpruner-push-") as tmp:
+            folder = Path(tmp) / repo_id.split("/")[-1]
+            self.save_pretrained(folder, **save_kwargs)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+            return push_folder_to_hub(
+                folder, repo_id, private=private, revision=revision, commit_message=commit_message,
+                commit_description=commit_description, token=token, create_pr=create_pr,
+            )
 
     def _summary(self) -> dict:
         report = self.pruning_sparsity()
@@ -95,7 +136,7 @@ def _replace_folder(new: Path, target: Path) -> None:
     (a tokenizer, a README, ``.git``...) are moved over first; only stale weight files are dropped."""
     if target.is_dir():
         for item in target.iterdir():
-            if not (new / item.name).exists() and not _STALE_WEIGHTS.match(item.name):
+            if not (new / item.name).exists() and not _STALE_FILES.match(item.name):
                 os.replace(item, new / item.name)
         backup = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, backup)
@@ -197,24 +238,25 @@ class AutoPrunedModelForCausalLM:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args, **kwargs) -> PreTrainedModel:
-        """Like `AutoModelForCausalLM.from_pretrained`, then reads and checks the masks and pruning config."""
-        hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-        model = AutoModelForCausalLM.from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        found = {}
-        for name in (MASKS_NAME, PRUNING_CONFIG_NAME):
-            found[name] = cached_file(
-                pretrained_model_name_or_path, name, _raise_exceptions_for_missing_entries=False, **hub_kwargs
-            )
-        if found[MASKS_NAME] is None:
+        """Like `AutoModelForCausalLM.from_pretrained`, then reads and checks the masks and pruning config.
+
+        A Hub repo id is first downloaded with `huggingface_hub.snapshot_download` (safetensors, JSON and tokenizer
+        files only), so a repo and a local folder go through the same code."""
+        hub_kwargs = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+        folder = local_checkpoint(pretrained_model_name_or_path, **hub_kwargs)
+        masks_file, config_file = folder / MASKS_NAME, folder / PRUNING_CONFIG_NAME
+        if not masks_file.is_file():
             raise FileNotFoundError(
                 f"{pretrained_model_name_or_path} has no {MASKS_NAME}: it was not saved by hf_dpruner. Load it with "
                 "AutoModelForCausalLM, or prune it first."
             )
-        masks = load_masks(found[MASKS_NAME])
+        model = AutoModelForCausalLM.from_pretrained(folder, *args, **kwargs)
+        model.config._name_or_path = str(pretrained_model_name_or_path)  # the repo id, as transformers records it
+        masks = load_masks(masks_file)
         record: dict[str, Any] = {}
         config = None
-        if found[PRUNING_CONFIG_NAME] is not None:
-            data = read_pruning_record(found[PRUNING_CONFIG_NAME])
+        if config_file.is_file():
+            data = read_pruning_record(config_file)
             config = DPrunerConfig.from_dict(data) if "sparsity" in data else None
             record = {k: data[k] for k in ("method", "base_model", "calibration") if k in data}
         return make_pruned(model, masks, config, record)

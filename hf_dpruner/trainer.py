@@ -18,7 +18,7 @@ from transformers.utils import logging
 
 from .callbacks import DomainImportanceCallback, KeepMasksCallback
 from .config import DPrunerConfig
-from .data import CausalLMCollator, prepare_calibration_dataset
+from .data import CausalLMCollator, describe_source, prepare_calibration_dataset
 from .importance import DomainImportance, general_scorer, load_importance, save_importance
 from .masks import compute_masks, sparsity_report
 from .modeling import make_pruned
@@ -69,6 +69,9 @@ class DPrunerTrainer(Trainer):
             raise ValueError("DPrunerTrainer needs `model=` (model_init is not supported: pruning acts on one model).")
         prunable = find_prunable_weights(model, cfg.target_modules)  # fail fast, before tokenizing data
         seed = args.seed if args is not None else 42
+        self.data_sources = {
+            "general_data": describe_source(general_dataset), "domain_data": describe_source(train_dataset)
+        }
         if train_dataset is not None:
             train_dataset = prepare_calibration_dataset(
                 train_dataset, processing_class, cfg.seq_len, cfg.num_samples, seed, "domain data (train_dataset)"
@@ -227,6 +230,7 @@ class DPrunerTrainer(Trainer):
                 "domain_samples": len(self.train_dataset),
                 "seq_len": cfg.seq_len,
                 "domain_steps": self.domain_importance.num_updates,
+                **{key: name for key, name in self.data_sources.items() if name is not None},
             },
         }
         make_pruned(self.model, masks, cfg, record, apply=True)
