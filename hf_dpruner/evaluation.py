@@ -1,4 +1,4 @@
-"""Perplexity of a causal LM on text: exp of the mean token negative log-likelihood."""
+"""Perplexity of a causal LM on text (exp of the mean token negative log-likelihood), and `run_lm_eval`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ import torch.nn.functional as F
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .lm_eval_bridge import run_lm_eval
+
+
+__all__ = ["perplexity", "run_lm_eval"]
 
 
 def _token_stream(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -1,8 +1,9 @@
-"""``hf-dpruner eval``: general and domain perplexity of a pruned model and its dense base, side by side."""
+"""``hf-dpruner eval``: general and domain perplexity (and lm-eval tasks) of a pruned model and its dense base."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import time
 from pathlib import Path
@@ -13,14 +14,29 @@ from ..config import read_pruning_record
 from ..corpora import DOMAIN_CORPORA, GENERAL_CORPUS
 from ..data import load_texts
 from ..evaluation import perplexity
+from ..lm_eval_bridge import MMLU_TASKS, build_task_manager, run_lm_eval
+from ..model_card import EVAL_RESULTS_NAME, write_model_card
 from ..resources import DEFAULT_MODEL_NAME, default_model_path
-
-EVAL_RESULTS_NAME = "eval_results.json"
 
 
 def _base_model(record: dict) -> str | None:
     base = record.get("base_model")
     return str(default_model_path()) if base == DEFAULT_MODEL_NAME else base
+
+
+def _print_table(models: dict[str, dict], corpora: list[str], tasks: list[str]) -> None:
+    """One row per model: perplexity per corpus, then every non-stderr metric of each requested task."""
+    columns = [(f"{name} ppl", lambda values, name=name: values[name]["perplexity"], ".2f") for name in corpora]
+    first = next(iter(models.values()))
+    for task in tasks:
+        for metric in first["lm_eval"].get(task, {}):
+            if "_stderr" not in metric:
+                columns.append((f"{task} {metric}", lambda values, t=task, m=metric: values["lm_eval"][t][m], ".4f"))
+    widths = [max(12, len(header)) for header, _, _ in columns]
+    print(" ".join([f"{'model':<8}"] + [f"{header:>{width}}" for (header, _, _), width in zip(columns, widths)]))
+    for label, values in models.items():
+        cells = [f"{get(values):>{width}{spec}}" for (_, get, spec), width in zip(columns, widths)]
+        print(" ".join([f"{label:<8}"] + cells))
 
 
 def main(argv: list[str]) -> int:
@@ -36,12 +52,26 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--max-tokens", type=int, default=16384, help="Tokens of each text used (default 16384).")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--output", help=f"JSON file for the results (default: MODEL/{EVAL_RESULTS_NAME}).")
+    parser.add_argument("--tasks", nargs="+", metavar="TASK",
+                        help=f"lm-eval tasks to run too: the offline {', '.join(MMLU_TASKS)} or any lm-eval task "
+                        "name (needs the lm-eval extra).")
+    parser.add_argument("--num-fewshot", type=int, default=None, help="Few-shot examples for --tasks (default 0).")
+    parser.add_argument("--limit", type=int, default=None, help="Questions per task for --tasks (default: all).")
+    parser.add_argument("--no-perplexity", action="store_true", help="Skip perplexity (run only --tasks).")
     args = parser.parse_args(argv)
+    if not args.tasks and (args.no_perplexity or args.num_fewshot is not None or args.limit is not None):
+        parser.error("--no-perplexity, --num-fewshot and --limit apply to --tasks: pass --tasks too.")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        parser.error(f"--num-fewshot must be >= 0, got {args.num_fewshot}.")
+    if args.limit is not None and args.limit < 1:
+        parser.error(f"--limit must be >= 1, got {args.limit}.")
+    task_manager = build_task_manager(args.tasks) if args.tasks else None
 
     model_dir = Path(args.model)
     record = read_pruning_record(model_dir) if (model_dir / "pruning_config.json").is_file() else {}
     domain = args.domain_data or record.get("calibration", {}).get("domain_data") or DOMAIN_CORPORA["medical"]
-    texts = {"general": load_texts(args.general_data, split=args.split), "domain": load_texts(domain, split=args.split)}
+    texts = {} if args.no_perplexity else {"general": load_texts(args.general_data, split=args.split),
+                                           "domain": load_texts(domain, split=args.split)}
     models = {"pruned": args.model}
     if not args.no_baseline:
         baseline = args.baseline_model or _base_model(record)
@@ -49,11 +79,14 @@ def main(argv: list[str]) -> int:
             parser.error("No base model recorded in the checkpoint: pass --baseline-model or --no-baseline.")
         models = {"dense": baseline, **models}
 
-    results: dict = {
-        "settings": {"seq_len": args.seq_len, "stride": args.stride or args.seq_len, "max_tokens": args.max_tokens,
-                     "general_data": args.general_data, "domain_data": domain, "split": args.split},
-        "models": {},
-    }
+    results: dict = {"settings": {}, "models": {}}
+    if texts:
+        results["settings"] = {"seq_len": args.seq_len, "stride": args.stride or args.seq_len,
+                               "max_tokens": args.max_tokens, "general_data": args.general_data,
+                               "domain_data": domain, "split": args.split}
+    if args.tasks:
+        results["settings"]["lm_eval"] = {"tasks": args.tasks, "num_fewshot": args.num_fewshot, "limit": args.limit,
+                                          "lm_eval_version": importlib.metadata.version("lm_eval")}
     for label, path in models.items():
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path)
@@ -63,14 +96,20 @@ def main(argv: list[str]) -> int:
             measured = perplexity(model, tokenizer, corpus, seq_len=args.seq_len, stride=args.stride,
                                   batch_size=args.batch_size, max_tokens=args.max_tokens)
             results["models"][label][name] = measured
+        if args.tasks:
+            results["models"][label]["lm_eval"] = run_lm_eval(
+                model, tokenizer, args.tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                batch_size=args.batch_size, task_manager=task_manager,
+            )
         results["models"][label]["seconds"] = round(time.perf_counter() - start, 1)
         del model
 
-    print(f"{'model':<8} {'general ppl':>12} {'domain ppl':>12}")
-    for label, values in results["models"].items():
-        print(f"{label:<8} {values['general']['perplexity']:>12.2f} {values['domain']['perplexity']:>12.2f}")
+    _print_table(results["models"], list(texts), args.tasks or [])
     output = Path(args.output) if args.output else model_dir / EVAL_RESULTS_NAME
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"written: {output}")
+    if output.resolve() == (model_dir / EVAL_RESULTS_NAME).resolve() and record:
+        card = write_model_card(model_dir)  # the card's results table and model-index come from this file
+        print(f"model card: {card}" if card else f"model card: kept the README of {model_dir} (not generated by us)")
     return 0
