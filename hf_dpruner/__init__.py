@@ -4,6 +4,7 @@ __version__ = "0.1.0"
 
 from .config import DPrunerConfig  # noqa: E402
 from .modeling import AutoPrunedModelForCausalLM, PrunedModelMixin, make_pruned  # noqa: E402
+from .recovery import get_masked_peft_model, load_masked_adapter, merge_masked_lora  # noqa: E402
 from .trainer import DPrunerTrainer, PruningResult  # noqa: E402
 
 __all__ = [
@@ -13,5 +14,8 @@ __all__ = [
     "PrunedModelMixin",
     "PruningResult",
     "__version__",
+    "get_masked_peft_model",
+    "load_masked_adapter",
     "make_pruned",
+    "merge_masked_lora",
 ]

@@ -19,7 +19,7 @@ _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 SPARSITY_TYPES = ("unstructured", "row", "N:M (e.g. 2:4, 4:8)")
 
 # Keys that `save_pretrained` adds beside the recipe; `from_pretrained` reads them back into `record`.
-RECORD_KEYS = ("method", "hf_dpruner_version", "base_model", "calibration", "achieved_sparsity")
+RECORD_KEYS = ("method", "hf_dpruner_version", "base_model", "calibration", "achieved_sparsity", "recovery")
 
 
 def parse_n_m(sparsity_type: str) -> tuple[int, int] | None:

@@ -169,12 +169,14 @@ def _card_data(record: dict, eval_results: dict | None, name: str, domain: str |
     sparsity_type = record.get("sparsity_type", "unstructured")
     hub_base = hub_base_model(record.get("base_model"))
     tags = ["pruned", LIBRARY_TAG, method.replace("dpruner", "d-pruner"),
+            "lora-recovered" if "recovery" in record else None,
             f"sparsity-{round(100 * overall)}" if overall is not None else None,
             "n-m-sparsity" if ":" in sparsity_type else f"{sparsity_type}-sparsity", domain]
     eval_entries = _eval_results_metadata(eval_results, calibration)
     # The Hub has no "pruned" relation: masks applied to the base weights make a compressed derivative of them
-    # ("quantized"); with the domain-tuned weights kept it is a fine-tune.
-    relation = "finetune" if record.get("apply_masks_to") == "tuned" else "quantized"
+    # ("quantized"); with the domain-tuned weights kept, or a merged LoRA recovery, it is a fine-tune.
+    tuned = record.get("apply_masks_to") == "tuned" or "recovery" in record
+    relation = "finetune" if tuned else "quantized"
     return ModelCardData(
         base_model=hub_base,
         base_model_relation=relation if hub_base else None,
@@ -232,6 +234,7 @@ def build_model_card(
         calibration_rows=_calibration_rows(calibration),
         domain_steps=calibration.get("domain_steps"),
         config_rows=[(k, json.dumps(record[k])) for k in recipe_keys],
+        recovery=record.get("recovery"),
         citation=citation or "No reference.",
     )
 

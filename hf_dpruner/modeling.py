@@ -258,5 +258,5 @@ class AutoPrunedModelForCausalLM:
         if config_file.is_file():
             data = read_pruning_record(config_file)
             config = DPrunerConfig.from_dict(data) if "sparsity" in data else None
-            record = {k: data[k] for k in ("method", "base_model", "calibration") if k in data}
+            record = {k: data[k] for k in ("method", "base_model", "calibration", "recovery") if k in data}
         return make_pruned(model, masks, config, record)

@@ -280,3 +280,14 @@ def test_every_package_folder_is_packaged():
     on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "hf_dpruner").rglob("__init__.py")}
     assert on_disk - listed == set(), "add these packages to [tool.setuptools] packages in pyproject.toml"
     assert "hf_dpruner.model_cards" in listed and (ROOT / "model_cards" / "pruned_model.md").is_file()
+
+
+def test_card_of_a_lora_recovered_model_says_so():
+    recovery = {"method": "lora", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"],
+                "rank_pattern": {"model.layers.0.self_attn.q_proj": 4}}
+    card = ModelCard(str(build_model_card({"method": "dpruner", "base_model": "org/base", "recovery": recovery})))
+    assert card.data.base_model_relation == "finetune" and "lora-recovered" in card.data.tags
+    assert "## Recovery" in card.text and "rank 8, alpha 16" in card.text
+    assert "`{'model.layers.0.self_attn.q_proj': 4}`" in card.text
+    plain = ModelCard(str(build_model_card({"method": "dpruner", "base_model": "org/base"})))
+    assert plain.data.base_model_relation == "quantized" and "## Recovery" not in plain.text
