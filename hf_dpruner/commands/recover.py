@@ -1,0 +1,90 @@
+"""``hf-dpruner recover PRUNED_DIR``: LoRA recovery that keeps the sparsity (uniform ranks or RankAdaptor)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
+
+from ..config import read_pruning_record
+from ..corpora import CORPORA
+from ..data import load_texts
+from ..modeling import AutoPrunedModelForCausalLM
+from ..recovery.recover import RecoveryArguments, plot_ranks, recover
+
+ADAPTER_DIR = "adapter"
+RANKS_PLOT = "lora_ranks.png"
+
+
+@dataclass
+class RecoverDataArguments:
+    data: str | None = field(
+        default=None,
+        metadata={"help": "Recovery text: a bundled corpus name, a file/folder or a `datasets` name. Default: the "
+                  "domain data recorded in the checkpoint."},
+    )
+    eval_data: str | None = field(
+        default=None,
+        metadata={"help": "Held-out text scoring the search runs. Default: the eval split of a bundled corpus "
+                  "(required for other data)."},
+    )
+
+
+@dataclass
+class RecoverTrainingArguments(TrainingArguments):
+    """TrainingArguments with recovery defaults (AdamW 2e-4, 100 steps, batches of 4, nothing saved mid-way)."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "Where the recovered checkpoint is written."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of the LoRA recovery."})
+    max_steps: int = field(default=100, metadata={"help": "Optimizer steps of the final recovery."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Windows per batch."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpointing during recovery."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+
+
+def main(argv: list[str]) -> int:
+    parser = HfArgumentParser((RecoveryArguments, RecoverDataArguments, RecoverTrainingArguments),
+                              prog="hf-dpruner recover PRUNED_DIR")
+    if not argv or argv[0].startswith("-"):
+        if argv and argv[0] in ("-h", "--help"):
+            parser.print_help()
+            return 0
+        parser.error("give the pruned checkpoint folder first: hf-dpruner recover PRUNED_DIR --output-dir OUT ...")
+    pruned_dir, rest = argv[0], argv[1:]
+    args, data_args, training_args = parser.parse_args_into_dataclasses(rest)
+    if not training_args.output_dir:
+        parser.error("--output-dir is required.")
+    record = read_pruning_record(pruned_dir)
+    data = data_args.data or (record.get("calibration") or {}).get("domain_data")
+    if data is None:
+        parser.error("the checkpoint records no domain data: pass --data.")
+    eval_data = data_args.eval_data or (data if data in CORPORA else None)
+    if eval_data is None and args.rank_allocation == "rankadaptor":
+        parser.error(f"--eval-data is needed to score the search runs on data other than {sorted(CORPORA)}.")
+
+    tokenizer = AutoTokenizer.from_pretrained(pruned_dir)
+    model = AutoPrunedModelForCausalLM.from_pretrained(pruned_dir)
+    out = Path(training_args.output_dir)
+    result = recover(
+        model, tokenizer, load_texts(data), load_texts(eval_data, split="eval") if eval_data else [],
+        args, training_args, adapter_dir=out / ADAPTER_DIR,
+    )
+    result.model.pruning_record["recovery"]["data"] = data
+    result.model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    title = f"LoRA ranks ({args.rank_allocation}, mean {args.lora_r})"
+    plot = plot_ranks(result.ranks, out / RANKS_PLOT, title)
+    summary = {"rank_allocation": args.rank_allocation, "layer_ranks": list(result.ranks),
+               "lora_parameters": result.lora_parameters, "sparsity": round(result.model.pruning_sparsity()["overall"], 6),
+               "seconds": {k: round(v, 1) for k, v in result.seconds.items()}}
+    if result.search is not None:
+        search = result.search
+        summary["search"] = {"runs": len(search.history), "uniform_log_ppl": round(search.uniform_score, 4),
+                             "chosen_log_ppl": round(search.score, 4)}
+    print(json.dumps(summary, indent=2))
+    print(f"saved: {out} (merged, still sparse), {out / ADAPTER_DIR} (peft adapter)"
+          + (f", {plot}" if plot else ""), file=sys.stderr)
+    return 0
