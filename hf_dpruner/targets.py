@@ -34,8 +34,8 @@ class PrunableWeight:
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The ModuleList of decoder blocks (``model.layers``, ``transformer.h``, ...), found generically."""
-    config = getattr(model, "config", None)
-    expected = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    # transformers' attribute_map aliases num_hidden_layers for every architecture (GPT-2's n_layer, MPT's n_layers)
+    expected = getattr(getattr(model, "config", None), "num_hidden_layers", None)
     candidates = [
         (name, module)
         for name, module in model.named_modules()
