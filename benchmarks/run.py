@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsities", nargs="+", help="e.g. 0.5 2:4 0.3 0.7")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--append", action="store_true",
+                        help="Keep the rows of an earlier <mode>.json for the (domain, sparsity) groups not rerun.")
     parser.add_argument("--single", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.single:
@@ -191,6 +193,14 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(f"    domain ppl {rows[-1]['domain_ppl']:.2f}, general ppl {rows[-1]['general_ppl']:.2f}, "
                       f"{rows[-1]['prune_seconds']:.1f} s", file=sys.stderr, flush=True)
+    previous = out / f"{mode}.json"
+    if args.append and previous.is_file():
+        earlier = json.loads(previous.read_text())
+        rerun = {(r["domain"], r["sparsity"]) for r in rows}
+        rows = [r for r in earlier["runs"] if (r["domain"], r["sparsity"]) not in rerun] + rows
+        for key in ("domains", "sparsities"):
+            settings[key] = list(dict.fromkeys([*earlier["settings"][key], *settings[key]]))
+        rows.sort(key=lambda r: (settings["domains"].index(r["domain"]), settings["sparsities"].index(r["sparsity"])))
     (out / f"{mode}.json").write_text(json.dumps({"settings": settings, "runs": rows}, indent=2) + "\n")
     (out / f"{mode}.md").write_text(markdown(rows, settings))
     written = plots(rows, out, mode)

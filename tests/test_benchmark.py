@@ -50,3 +50,22 @@ def test_quick_benchmark_writes_results(tmp_path):
     assert runs["dpruner-cached"]["prune_seconds"] < runs["dpruner"]["prune_seconds"]
     assert "| medical | 0.5 | wanda |" in (tmp_path / "quick.md").read_text()
     assert (tmp_path / "quick_domain_vs_general.png").stat().st_size > 10_000
+
+
+def test_recovery_report_states_the_goal_from_rows():
+    spec = importlib.util.spec_from_file_location("benchmark_recovery", SCRIPT.with_name("recovery.py"))
+    recovery = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recovery)
+    rows = [
+        {"method": "no recovery", "domain_ppl": 50.0, "general_ppl": 120.0, "lora_parameters": 0, "layer_ranks": None,
+         "search_seconds": 0.0, "train_seconds": 0.0},
+        {"method": "LoRA uniform", "domain_ppl": 40.0, "general_ppl": 110.0, "lora_parameters": 1000,
+         "layer_ranks": [8, 8], "search_seconds": 0.0, "train_seconds": 30.0},
+        {"method": "LoRA rankadaptor", "domain_ppl": 38.0, "general_ppl": 111.0, "lora_parameters": 1000,
+         "layer_ranks": [12, 4], "search_seconds": 300.0, "train_seconds": 31.0},
+    ]
+    text = recovery.markdown(rows, recovery.SETTINGS, "ckpt")
+    assert "| LoRA rankadaptor | 38.00 | 111.00 | 1,000 | 300 | 31 |" in text
+    assert "5.0% lower — met" in text and "[12, 4]" in text
+    rows[2]["domain_ppl"] = 42.0
+    assert "5.0% higher — MISSED" in recovery.markdown(rows, recovery.SETTINGS, "ckpt")

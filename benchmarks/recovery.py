@@ -1,0 +1,136 @@
+"""Recovery benchmark: no recovery vs uniform-rank LoRA vs RankAdaptor, same budget, same steps, side by side.
+
+    python benchmarks/recovery.py --pruned out/smollm2-med-50     # a D-Pruner checkpoint of the embedded model
+    python benchmarks/recovery.py                                 # prunes the embedded model first (CLI defaults)
+
+Both LoRA runs train `--max-steps` AdamW steps on the same recovery windows of the checkpoint's domain corpus with
+masked LoRA (the merged models stay exactly as sparse); RankAdaptor's ranks sum to the uniform budget. Perplexity on
+the held-out eval splits. Writes ``<output-dir>/recovery.json``, ``recovery.md`` and ``recovery.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SETTINGS = dict(lora_r=8, num_samples=64, seq_len=256, max_steps=40, batch_size=4, learning_rate=3e-4,
+                search_steps=8, search_initial=8, search_rounds=4, search_eval_samples=8,
+                eval_tokens=16384, eval_seq_len=512)
+
+
+def measure(settings: dict, pruned: Path) -> list[dict]:
+    from transformers import AutoTokenizer, TrainingArguments
+
+    from hf_dpruner import AutoPrunedModelForCausalLM
+    from hf_dpruner.config import read_pruning_record
+    from hf_dpruner.corpora import load_corpus_texts
+    from hf_dpruner.evaluation import perplexity
+    from hf_dpruner.recovery import RecoveryArguments, recover
+
+    domain = read_pruning_record(pruned)["calibration"].get("domain_data", "medical")
+    tokenizer = AutoTokenizer.from_pretrained(pruned)
+
+    def evaluate(model) -> dict:
+        return {name: perplexity(model, tokenizer, load_corpus_texts(corpus, "eval"), seq_len=settings["eval_seq_len"],
+                                 max_tokens=settings["eval_tokens"], disable_tqdm=True)["perplexity"]
+                for name, corpus in (("domain_ppl", domain), ("general_ppl", "general"))}
+
+    rows = [{"method": "no recovery", "lora_parameters": 0, "layer_ranks": None, "search_seconds": 0.0,
+             "train_seconds": 0.0, **evaluate(AutoPrunedModelForCausalLM.from_pretrained(pruned))}]
+    for allocation in ("uniform", "rankadaptor"):
+        model = AutoPrunedModelForCausalLM.from_pretrained(pruned)
+        args = RecoveryArguments(
+            rank_allocation=allocation, lora_r=settings["lora_r"], num_samples=settings["num_samples"],
+            seq_len=settings["seq_len"], search_steps=settings["search_steps"],
+            search_initial=settings["search_initial"], search_rounds=settings["search_rounds"],
+            search_eval_samples=settings["search_eval_samples"],
+        )
+        training_args = TrainingArguments(
+            tempfile.mkdtemp(prefix="bench-recovery-"), max_steps=settings["max_steps"],
+            per_device_train_batch_size=settings["batch_size"], learning_rate=settings["learning_rate"],
+            save_strategy="no", report_to="none", disable_tqdm=True, logging_strategy="no", seed=0,
+        )
+        result = recover(model, tokenizer, load_corpus_texts(domain), load_corpus_texts(domain, "eval"), args,
+                         training_args)
+        model = result.model
+        model.check_pruned_weights()
+        rows.append({"method": f"LoRA {allocation}", "lora_parameters": result.lora_parameters,
+                     "layer_ranks": list(result.ranks), "search_seconds": result.seconds.get("search", 0.0),
+                     "train_seconds": result.seconds["train"], "sparsity": model.pruning_sparsity()["overall"],
+                     "search_runs": len(result.search.history) if result.search else 0, **evaluate(model)})
+    return rows
+
+
+def markdown(rows: list[dict], settings: dict, pruned: str) -> str:
+    lines = [f"Checkpoint `{pruned}`; LoRA mean rank {settings['lora_r']} (same number of LoRA parameters for both), "
+             f"{settings['max_steps']} steps of {settings['batch_size']} x {settings['seq_len']} tokens, lr "
+             f"{settings['learning_rate']}; RankAdaptor: {settings['search_initial']} initial + up to "
+             f"{settings['search_rounds']} online short runs of {settings['search_steps']} steps. Perplexity: first "
+             f"{settings['eval_tokens']} tokens of each eval split, windows of {settings['eval_seq_len']}.", "",
+             "| method | domain ppl | general ppl | LoRA parameters | search (s) | training (s) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['domain_ppl']:.2f} | {r['general_ppl']:.2f} | {r['lora_parameters']:,} | "
+                     f"{r['search_seconds']:.0f} | {r['train_seconds']:.0f} |")
+    by = {r["method"]: r for r in rows}
+    if {"LoRA uniform", "LoRA rankadaptor"} <= set(by):
+        gain = 1 - by["LoRA rankadaptor"]["domain_ppl"] / by["LoRA uniform"]["domain_ppl"]
+        lines += ["", f"Goal (RankAdaptor's domain perplexity below uniform LoRA's at equal budget): "
+                      f"{abs(gain):.1%} {'lower' if gain >= 0 else 'higher'} — {'met' if gain > 0 else 'MISSED'}.",
+                  f"RankAdaptor ranks per layer: {by['LoRA rankadaptor']['layer_ranks']}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [r["method"] for r in rows]
+    for offset, key in ((-0.2, "domain_ppl"), (0.2, "general_ppl")):
+        left.bar([i + offset for i in range(len(rows))], [r[key] for r in rows], width=0.4, label=key)
+    left.set_xticks(range(len(rows)), names)
+    left.set(ylabel="perplexity", title="after recovery (lower is better)")
+    left.legend(fontsize=7)
+    for r in rows[1:]:
+        right.plot(range(len(r["layer_ranks"])), r["layer_ranks"], marker="o", label=r["method"])
+    right.set(xlabel="decoder layer", ylabel="LoRA rank", title="ranks per layer (same total)")
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pruned", help="A pruned checkpoint of the embedded model. Default: prune one first.")
+    parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--max-steps", type=int, default=SETTINGS["max_steps"])
+    args = parser.parse_args(argv)
+    settings = {**SETTINGS, "max_steps": args.max_steps}
+    pruned = args.pruned
+    if pruned is None:
+        pruned = str(Path(tempfile.mkdtemp(prefix="bench-pruned-")) / "smollm2-med-50")
+        subprocess.run([sys.executable, "-m", "hf_dpruner.commands.cli", "prune", "--domain", "medical",
+                        "--sparsity", "0.5", "--output-dir", pruned, "--disable-tqdm", "true"], check=True)
+    start = time.perf_counter()
+    rows = measure(settings, Path(pruned))
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recovery.json").write_text(json.dumps({"settings": settings, "pruned": pruned, "runs": rows,
+                                                   "seconds": time.perf_counter() - start}, indent=2) + "\n")
+    (out / "recovery.md").write_text(markdown(rows, settings, Path(pruned).name))
+    plot(rows, out / "recovery.png")
+    print((out / "recovery.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
