@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from huggingface_hub import CommitInfo, HfApi, get_token, snapshot_download
-from huggingface_hub.errors import LocalTokenNotFoundError
+from huggingface_hub.errors import HFValidationError, LocalTokenNotFoundError
+from huggingface_hub.utils import validate_repo_id
 
 from .config import PRUNING_CONFIG_NAME, read_pruning_record
 from .masks import MASKS_NAME
@@ -63,6 +64,10 @@ def push_folder_to_hub(
     """
     folder = Path(folder)
     record = _check_checkpoint(folder)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"Invalid Hub repo id {repo_id!r}: give 'name' or 'namespace/name' ({error})") from error
     api = HfApi(token=resolve_token(token))
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     repo_id = repo_url.repo_id

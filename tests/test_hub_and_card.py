@@ -221,6 +221,14 @@ def test_push_of_a_folder_that_is_not_a_pruned_checkpoint_is_refused(tmp_path, f
     assert fake_hub == []
 
 
+@pytest.mark.parametrize("repo_id", ["me/med/50", "me/med 50", "me/--med"])
+def test_an_invalid_repo_id_is_refused_before_any_upload(tmp_path, fake_hub, repo_id):
+    folder = saved_checkpoint(tmp_path / "out")
+    with pytest.raises(ValueError, match=f"Invalid Hub repo id '{repo_id}'"):
+        hub.push_folder_to_hub(folder, repo_id)
+    assert fake_hub == []
+
+
 def test_model_push_to_hub_uploads_masks_card_and_tokenizer(fake_hub):
     model = pruned_tiny()
     model.push_to_hub("me/tiny-50", tokenizer=word_tokenizer(), commit_message="first")
