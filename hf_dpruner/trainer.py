@@ -23,6 +23,7 @@ from .importance import DomainImportance, general_scorer, load_importance, save_
 from .masks import compute_masks, sparsity_report
 from .modeling import make_pruned
 from .regularizer import GeneralImportanceRegularizer
+from .step_penalty import add_step_penalty
 from .targets import find_prunable_weights
 
 logger = logging.get_logger(__name__)
@@ -108,27 +109,13 @@ class DPrunerTrainer(Trainer):
     # ---- the refined loss ----
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """LM loss plus the general-importance regularizer.
-
-        The weights do not change within a gradient-accumulation window, so the penalty is added once per optimizer
-        step (on the micro-batch that syncs gradients), scaled so that its gradient counts exactly once whether or
-        not `training_step` later divides the loss by the accumulation steps.
-        """
+        """LM loss plus the general-importance regularizer, counted once per optimizer step (see
+        `add_step_penalty`)."""
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         regularizer = self.regularizer
-        if regularizer is not None and regularizer.lam > 0 and model.training and self.accelerator.sync_gradients:
-            penalty = regularizer()
-            if not self._loss_is_scaled_for_ga(num_items_in_batch):
-                penalty = penalty * self.current_gradient_accumulation_steps
-            loss = loss + penalty.to(loss.dtype)
+        if regularizer is not None and regularizer.lam > 0 and model.training:
+            loss = add_step_penalty(self, loss, regularizer, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
-
-    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
-        if self.loss_is_scaled_for_ga is not None:
-            return self.loss_is_scaled_for_ga
-        return bool(self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
-            self.compute_loss_func is not None
-        )
 
     # ---- the three stages ----
 

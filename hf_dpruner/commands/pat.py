@@ -1,0 +1,77 @@
+"""``hf-dpruner pat``: Pruning-Aware Tuning, exported as a smaller standard checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
+
+from ..corpora import DOMAIN_CORPORA
+from ..data import load_texts
+from ..pat import PAT_CONFIG_NAME, PATConfig, PATTrainer
+from ..resources import DEFAULT_MODEL_NAME, default_model_path
+
+
+@dataclass
+class PATArguments:
+    """What to tune and on which data."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "Hub id or local folder. Default: the embedded SmolLM2-135M-Instruct."}
+    )
+    data: str = field(
+        default="medical",
+        metadata={"help": f"Training text: a bundled corpus ({', '.join(DOMAIN_CORPORA)}, general), a file/folder or a "
+                  "`datasets` name."},
+    )
+    seq_len: int = field(default=256, metadata={"help": "Tokens per training window."})
+    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32 or bfloat16."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modeling code from the Hub."})
+
+
+@dataclass
+class PATTrainingArguments(TrainingArguments):
+    """TrainingArguments with PAT defaults (AdamW 2e-4, 100 steps, batches of 4, nothing saved mid-way)."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "Where the exported smaller model is written."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of LoRA and the HSMs."})
+    max_steps: int = field(default=100, metadata={"help": "Optimizer steps (the mask is binary after a third)."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Windows per batch."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpointing during tuning."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+
+
+def main(argv: list[str]) -> int:
+    parser = HfArgumentParser((PATConfig, PATArguments, PATTrainingArguments), prog="hf-dpruner pat")
+    config, pat_args, training_args = parser.parse_args_into_dataclasses(argv)
+    if not training_args.output_dir:
+        parser.error("--output-dir is required.")
+    if os.path.isfile(training_args.output_dir):
+        parser.error(f"--output-dir {training_args.output_dir} is a file, not a folder: choose a folder path.")
+    if training_args.max_steps <= 0:
+        parser.error("--max-steps must be > 0: the mask schedule is laid out over a known number of steps.")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(pat_args.dtype)
+    if dtype is None:
+        parser.error(f"--dtype must be float32 or bfloat16, got {pat_args.dtype!r}.")
+    model_path = pat_args.model or str(default_model_path())
+    print(f"model: {model_path if pat_args.model else DEFAULT_MODEL_NAME}", file=sys.stderr)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=pat_args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=pat_args.trust_remote_code)
+    args = training_args
+    windows = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    trainer = PATTrainer(
+        model=model, args=training_args, pat_config=config, train_dataset=load_texts(pat_args.data),
+        processing_class=tokenizer, seq_len=pat_args.seq_len, num_samples=windows,
+    )
+    trainer.data_source = pat_args.data
+    trainer.train()
+    small = trainer.export(record={"base_model": pat_args.model or DEFAULT_MODEL_NAME})
+    record = json.loads((Path(training_args.output_dir) / PAT_CONFIG_NAME).read_text())
+    print(json.dumps(record["export"], indent=2))
+    print(f"saved: {training_args.output_dir} (hidden_size {small.config.hidden_size})", file=sys.stderr)
+    return 0

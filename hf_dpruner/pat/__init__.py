@@ -1,0 +1,22 @@
+"""PAT, Pruning-Aware Tuning (Liu et al. 2024): structured pruning of the hidden channels learned during
+fine-tuning, exported as a smaller standard transformers checkpoint."""
+
+from .config import PAT_CONFIG_NAME, PATConfig
+from .export import export_pat_model
+from .hsm import HybridSparsificationModule
+from .mask import SharedChannelMask
+from .modules import SUPPORTED_MODEL_TYPES, PATModules, get_pat_model, get_pat_modules
+from .trainer import PATTrainer
+
+__all__ = [
+    "PAT_CONFIG_NAME",
+    "PATConfig",
+    "PATModules",
+    "PATTrainer",
+    "HybridSparsificationModule",
+    "SUPPORTED_MODEL_TYPES",
+    "SharedChannelMask",
+    "export_pat_model",
+    "get_pat_model",
+    "get_pat_modules",
+]

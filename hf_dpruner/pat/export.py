@@ -1,0 +1,174 @@
+"""Export a PAT-tuned model as a standard transformers checkpoint with a smaller ``hidden_size``.
+
+Every HSM's ``T`` is folded into the neighbouring weights, LoRA is merged, the closed channels are dropped and the
+RMSNorms are rescaled, so the exported model computes what the masked model computed, with fewer parameters.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging
+
+from .. import __version__
+from .config import PATConfig
+from .modules import PATModules, get_pat_modules
+
+logger = logging.get_logger(__name__)
+
+PRODUCERS = {"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}
+CONSUMERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
+NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def _effective(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight and bias of a Linear/Embedding, with the active LoRA adapters merged in (without modifying it)."""
+    if isinstance(module, LoraLayer):
+        base = module.get_base_layer()
+        weight = base.weight.detach().float().clone()
+        for adapter in module.active_adapters:
+            if adapter in module.lora_A:
+                weight += module.get_delta_weight(adapter).detach().float()
+        bias = base.bias
+    else:
+        weight, bias = module.weight.detach().float(), getattr(module, "bias", None)
+    return weight.cpu(), None if bias is None else bias.detach().float().cpu()
+
+
+def _put(state: dict[str, torch.Tensor], prefix: str, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    state[f"{prefix}.weight"] = weight.contiguous()
+    if bias is not None:
+        state[f"{prefix}.bias"] = bias.contiguous()
+
+
+def exported_config(model: PreTrainedModel, kept: int):
+    """The base config with ``hidden_size = kept``, ``head_dim`` set explicitly and ``rms_norm_eps`` rescaled."""
+    config = copy.deepcopy(model.config)
+    hidden = config.hidden_size
+    config.head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    config.hidden_size = kept
+    # The closed channels are 0, so mean_d(x^2) + eps = (d'/d) (mean_d'(x^2) + eps d/d'): RMSNorm over the kept
+    # channels with eps * d/d' and gains * sqrt(d/d') gives exactly the old outputs.
+    config.rms_norm_eps = config.rms_norm_eps * hidden / kept
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
+@torch.no_grad()
+def exported_state_dict(model: PreTrainedModel | PeftModel, pat: PATModules) -> tuple[dict[str, torch.Tensor], int]:
+    """The weights of the smaller model, keyed like the base model's state dict."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    keep = pat.mask.kept_indices().cpu()
+    hidden = pat.mask.hidden_size
+    scale = (hidden / len(keep)) ** 0.5
+    state: dict[str, torch.Tensor] = {}
+    embed, _ = _effective(base.model.embed_tokens)
+    state["model.embed_tokens.weight"] = (embed @ pat.hsms["embed"].transform_matrix().t())[:, keep].contiguous()
+    for i, layer in enumerate(base.model.layers):
+        prefix = f"model.layers.{i}"
+        for key, path in PRODUCERS.items():
+            weight, bias = _effective(layer.get_submodule(path))
+            t = pat.hsms[f"{i}_{key}"].transform_matrix()
+            _put(state, f"{prefix}.{path}", (t @ weight)[keep], None if bias is None else (t @ bias)[keep])
+        for path in CONSUMERS:
+            weight, bias = _effective(layer.get_submodule(path))
+            _put(state, f"{prefix}.{path}", weight[:, keep], bias)
+        for name in NORMS:
+            state[f"{prefix}.{name}.weight"] = getattr(layer, name).weight.detach().float().cpu()[keep] * scale
+    state["model.norm.weight"] = base.model.norm.weight.detach().float().cpu()[keep] * scale
+    if not base.config.tie_word_embeddings:
+        head, head_bias = _effective(base.get_output_embeddings())
+        _put(state, "lm_head", head[:, keep], head_bias)
+    return state, len(keep)
+
+
+def export_pat_model(
+    model: PreTrainedModel | PeftModel,
+    output_dir: str | os.PathLike | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    record: dict[str, Any] | None = None,
+) -> PreTrainedModel:
+    """Build the smaller standard model from a PAT-tuned `model` (left unchanged) and, with `output_dir`, save it
+    there with the tokenizer, ``pat_config.json`` and a model card (written to a temp folder, then renamed).
+
+    The masked model and the export compute the same logits once the mask is binary (after the warm-up); exporting
+    earlier drops channels the model still uses, which is warned about."""
+    pat = get_pat_modules(model)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not pat.mask.is_binary:
+        logger.warning(
+            f"The PAT mask is not binary yet (step {int(pat.mask.step)} of warm-up {pat.mask.warmup_steps}): the "
+            "export keeps the top channels, but its outputs differ from the masked model's. Train past the warm-up."
+        )
+    state, kept = exported_state_dict(model, pat)
+    config = exported_config(base, kept)
+    dtype = next(base.parameters()).dtype
+    small = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = small.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(
+            f"The PAT export does not cover this {config.model_type} variant: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}."
+        )
+    if config.tie_word_embeddings:
+        small.tie_weights()
+    small = small.to(dtype).eval()
+    small.generation_config = copy.deepcopy(base.generation_config)
+    if output_dir is not None:
+        _save(small, Path(output_dir), tokenizer, pat.config, base, kept, record or {})
+    return small
+
+
+def _save(small: PreTrainedModel, output_dir: Path, tokenizer, config: PATConfig, base: PreTrainedModel,
+          kept: int, record: dict[str, Any]) -> None:
+    from .card import write_pat_card
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        small.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        export = {
+            "hidden_size": {"before": base.config.hidden_size, "after": kept},
+            "parameters": {"before": base_parameter_count(base), "after": small.num_parameters()},
+        }
+        config.save_pretrained(tmp, method="pat", hf_dpruner_version=__version__,
+                               base_model=record.get("base_model", getattr(base.config, "_name_or_path", None)),
+                               training=record.get("training", {}), export=export)
+        write_pat_card(tmp, model_name=output_dir.name)
+        if output_dir.exists():
+            backup = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+            os.replace(output_dir, backup)
+            os.replace(tmp, output_dir)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info(f"PAT export: hidden {base.config.hidden_size} -> {kept}, saved to {output_dir}.")
+
+
+def base_parameter_count(base: PreTrainedModel) -> int:
+    """Parameters of the base model alone (no LoRA, no PAT modules)."""
+    total = 0
+    seen = set()
+    for name, param in base.named_parameters():
+        if "lora_" in name or name.startswith("pat_modules.") or id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+    return total

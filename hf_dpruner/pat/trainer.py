@@ -1,0 +1,110 @@
+"""`PATTrainer`: a `transformers.Trainer` whose loss adds PAT's channel-count and Identity losses."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, Trainer
+from transformers.utils import logging
+
+from ..data import CausalLMCollator, describe_source, prepare_calibration_dataset
+from ..step_penalty import add_step_penalty
+from .config import PATConfig
+from .export import export_pat_model
+from .modules import get_pat_model, get_pat_modules
+
+logger = logging.get_logger(__name__)
+
+
+class PATTrainer(Trainer):
+    """Trainer for Pruning-Aware Tuning.
+
+    The model is prepared with `get_pat_model` unless it already was. Before every forward the shared mask moves
+    along its schedule (step ``global_step`` of ``max_steps``); once per optimizer step the loss adds
+    ``active_loss_weight · |N_target − N_open| / d + identity_loss_weight · Σ ‖A Aᵀ − I‖²``. The mask logits get
+    their own learning rate (``mask_learning_rate``). `export()` writes the smaller standard checkpoint.
+
+    Args:
+        pat_config: the recipe (`PATConfig()` if omitted).
+        train_dataset: a tokenized `Dataset` (``input_ids``), a `Dataset` with a ``text`` column, a list of strings,
+            a file/folder path or a bundled corpus name; text is cut into `num_samples` windows of `seq_len` tokens.
+        Other arguments are those of `transformers.Trainer`.
+    """
+
+    def __init__(
+        self,
+        model=None,
+        args=None,
+        pat_config: PATConfig | None = None,
+        train_dataset=None,
+        processing_class=None,
+        data_collator=None,
+        seq_len: int = 256,
+        num_samples: int = 1024,
+        **kwargs,
+    ) -> None:
+        if model is None:
+            raise ValueError("PATTrainer needs `model=` (model_init is not supported).")
+        existing = get_pat_modules(model, required=False)
+        if existing is not None and pat_config is not None and existing.config != pat_config:
+            raise ValueError("The model was prepared with a different PATConfig; pass that one or none.")
+        self.pat_config = existing.config if existing is not None else (pat_config or PATConfig())
+        if existing is None:
+            model = get_pat_model(model, self.pat_config)
+        self.pat = get_pat_modules(model)
+        seed = args.seed if args is not None else 42
+        self.data_source = describe_source(train_dataset)
+        if train_dataset is not None:
+            train_dataset = prepare_calibration_dataset(
+                train_dataset, processing_class, seq_len, num_samples, seed, "training data (train_dataset)"
+            )
+        if data_collator is None:
+            data_collator = CausalLMCollator(getattr(processing_class, "pad_token_id", None))
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         processing_class=processing_class, **kwargs)
+        self._pat_terms: dict[str, float] = {}
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer, with the mask logits moved to a group of their own (no weight decay)."""
+        optimizer = super().create_optimizer(model)
+        logits = self.pat.mask.logits
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if p is not logits]
+        lr = self.pat_config.mask_learning_rate or 10 * self.args.learning_rate
+        optimizer.add_param_group({"params": [logits], "lr": lr, "weight_decay": 0.0})
+        return optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """LM loss, plus the mask and Identity terms once per optimizer step (see `add_step_penalty`)."""
+        if model.training:
+            self.pat.mask.set_progress(self.state.global_step, self.state.max_steps)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if model.training:
+            loss = add_step_penalty(self, loss, self._pat_penalty, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def _pat_penalty(self) -> torch.Tensor:
+        cfg, mask = self.pat_config, self.pat.mask
+        active = mask.active_loss()
+        identity = self.pat.identity_loss()
+        self._pat_terms = {"pat_active_loss": float(active.detach()), "pat_identity_loss": float(identity.detach()),
+                           "pat_open_channels": mask.num_open(), "pat_mask_binary": float(mask.is_binary)}
+        return cfg.active_loss_weight * active + cfg.identity_loss_weight * identity
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs:
+            logs = {**logs, **self._pat_terms}
+        super().log(logs, *args, **kwargs)
+
+    def export(self, output_dir: str | os.PathLike | None = None, record: dict[str, Any] | None = None
+               ) -> PreTrainedModel:
+        """The smaller standard model (`export_pat_model`), saved to `output_dir` (default ``args.output_dir``)
+        by the main process only."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        training = {"steps": self.state.global_step, "data": self.data_source,
+                    "learning_rate": self.args.learning_rate}
+        record = {"training": training, **(record or {})}
+        return export_pat_model(self.model, output_dir if self.args.should_save else None,
+                                tokenizer=self.processing_class, record=record)
