@@ -69,3 +69,45 @@ def test_recovery_report_states_the_goal_from_rows():
     assert "5.0% lower — met" in text and "[12, 4]" in text
     rows[2]["domain_ppl"] = 42.0
     assert "5.0% higher — MISSED" in recovery.markdown(rows, recovery.SETTINGS, "ckpt")
+
+
+def load_pat_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_pat", SCRIPT.with_name("pat.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def pat_row(method, hidden, domain_ppl, b1, b8):
+    return {"method": method, "hidden_size": hidden, "domain_ppl": domain_ppl, "general_ppl": 2 * domain_ppl,
+            "parameters": 134_515_008, "nonzero_parameters": 134_000_000, "checkpoint_bytes": 538 * 2**20,
+            "tokens_per_s_batch1": b1, "tokens_per_s_batch8": b8, "train_seconds": 100.0, "prune_seconds": 0.0}
+
+
+def test_pat_report_states_both_goals_from_rows():
+    bench = load_pat_benchmark()
+    settings = bench.MODES["full"]
+    rows = [pat_row("dense", 576, 20.0, 10.0, 40.0), pat_row("dense + LoRA", 576, 15.0, 10.0, 40.0),
+            pat_row("PAT 25%", 432, 16.0, 13.0, 48.0)]
+    goals = bench.goals(rows, settings)
+    assert goals[0] == "PAT tokens/s at batch 1: 1.30x the dense model (goal >= 1.25x) — met."
+    assert goals[1] == "PAT tokens/s at batch 8: 1.20x the dense model (goal >= 1.25x) — MISSED."
+    assert goals[2] == "PAT domain perplexity +6.7% vs dense + LoRA (goal within 10%) — met."
+    table = bench.markdown(rows, settings)
+    assert "| PAT 25% | 432 | 16.00 | 32.00 | 134.5M | 134.0M | 538 | 13.0 | 48.0 | 100 |" in table
+
+
+@pytest.mark.slow
+def test_quick_pat_benchmark_writes_results(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT.with_name("pat.py")), "--quick", "--output-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = {r["method"]: r for r in json.loads((tmp_path / "pat-quick.json").read_text())["runs"]}
+    assert set(runs) == {"dense", "dense + LoRA", "PAT 25%", "D-Pruner 50% + LoRA"}
+    assert runs["PAT 25%"]["hidden_size"] == 432 and runs["dense"]["hidden_size"] == 576
+    assert runs["PAT 25%"]["parameters"] < runs["dense"]["parameters"]
+    assert runs["PAT 25%"]["checkpoint_bytes"] < runs["dense"]["checkpoint_bytes"]
+    assert runs["D-Pruner 50% + LoRA"]["nonzero_parameters"] < 0.8 * runs["dense"]["nonzero_parameters"]
+    assert all(r["tokens_per_s_batch8"] > 0 and r["domain_ppl"] > 1 for r in runs.values())
+    assert "PAT tokens/s at batch 1" in (tmp_path / "pat-quick.md").read_text()
+    assert (tmp_path / "pat-quick.png").stat().st_size > 10_000

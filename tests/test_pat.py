@@ -214,6 +214,14 @@ def test_cli_pat_exports_a_smaller_model(tiny_model_dir, tmp_path, capsys):  # n
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert loaded.config.hidden_size == 32 and (out / "tokenizer.json").is_file()
     assert json.loads((out / PAT_CONFIG_NAME).read_text())["training"]["data"] == str(tmp_path / "train.txt")
+    # `hf-dpruner eval` finds the base model and the training data in pat_config.json
+    (tmp_path / "general.txt").write_text(text(99, 400))
+    assert main(["eval", str(out), "--general-data", str(tmp_path / "general.txt"), "--seq-len", "16",
+                 "--max-tokens", "64"]) == 0
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["models"]["dense"]["path"] == str(tiny_model_dir)
+    assert results["settings"]["domain_data"] == str(tmp_path / "train.txt")
+    assert results["models"]["pruned"]["domain"]["perplexity"] > 1
 
 
 def test_cli_pat_needs_max_steps(tiny_model_dir, tmp_path):  # noqa: F811

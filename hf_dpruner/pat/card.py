@@ -9,7 +9,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from .. import __version__
 from ..model_card import CARD_NAME, EMBEDDED_BASE_MODEL, LIBRARY_TAG, base_model_license, hub_base_model, template_text
-from .config import PAT_CONFIG_NAME, PAT_RECORD_KEYS
+from .config import PAT_RECORD_KEYS, read_pat_record
 
 TEMPLATE = "pat_model.md"
 
@@ -54,10 +54,7 @@ def build_pat_card(record: dict, model_name: str, repo_id: str | None = None) ->
 def write_pat_card(folder: str | Path, repo_id: str | None = None, model_name: str | None = None) -> Path:
     """Render the card of the PAT export in `folder` into ``folder/README.md``."""
     folder = Path(folder)
-    file = folder / PAT_CONFIG_NAME
-    if not file.is_file():
-        raise FileNotFoundError(f"No {PAT_CONFIG_NAME} in {folder}: the card describes a PAT export.")
-    record = json.loads(file.read_text())
+    record = read_pat_record(folder)
     name = model_name or (repo_id.split("/")[-1] if repo_id else folder.resolve().name)
     card = build_pat_card(record, name, repo_id)
     out = folder / CARD_NAME

@@ -104,14 +104,19 @@ class PATConfig:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "PATConfig":
         """Read the recipe from an exported folder or a ``pat_config.json`` file."""
-        path = Path(path)
-        file = path / PAT_CONFIG_NAME if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(f"No {PAT_CONFIG_NAME} at {file}; is this a folder exported by hf_dpruner's PAT?")
-        try:
-            data = json.loads(file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{file} is not valid JSON ({err}); the file is corrupt, export again.") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}.")
-        return cls.from_dict(data)
+        return cls.from_dict(read_pat_record(path))
+
+
+def read_pat_record(path: str | os.PathLike) -> dict[str, Any]:
+    """The full ``pat_config.json`` (recipe and record) of a folder or file, with clear errors."""
+    path = Path(path)
+    file = path / PAT_CONFIG_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"No {PAT_CONFIG_NAME} at {file}; is this a folder exported by hf_dpruner's PAT?")
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); the file is corrupt, export again.") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}.")
+    return data
