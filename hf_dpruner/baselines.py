@@ -81,7 +81,7 @@ def prune_baseline(
 @torch.no_grad()
 def _prune_wanda(w: PrunableWeight, input_sq_norms: torch.Tensor, config: DPrunerConfig) -> torch.Tensor:
     scores = wanda_scores(w.weight, input_sq_norms, w.input_dim)
-    keep = compute_mask(scores, config.sparsity_for(w.name), config.sparsity_type, w.input_dim)
+    keep = compute_mask(scores, config.sparsity_for(w.name), config.sparsity_type, w.input_dim, w.name)
     w.weight.masked_fill_(~keep, 0.0)
     return keep
 

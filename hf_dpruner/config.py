@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -19,13 +21,46 @@ _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 SPARSITY_TYPES = ("unstructured", "row", "N:M (e.g. 2:4, 4:8)")
 
 # Keys that `save_pretrained` adds beside the recipe; `from_pretrained` reads them back into `record`.
-RECORD_KEYS = ("method", "hf_dpruner_version", "base_model", "calibration", "achieved_sparsity", "recovery")
+RECORD_KEYS = (
+    "method", "hf_dpruner_version", "base_model", "calibration", "achieved_sparsity", "recovery", "masks_sha256"
+)
+# JSON types of the record keys (null is accepted for each but the checksum).
+_RECORD_TYPES: dict[str, type] = {
+    "method": str,
+    "hf_dpruner_version": str,
+    "base_model": str,
+    "calibration": dict,
+    "achieved_sparsity": dict,
+    "recovery": dict,
+    "masks_sha256": str,
+}
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def parse_n_m(sparsity_type: str) -> tuple[int, int] | None:
     """Return ``(N, M)`` for an ``"N:M"`` sparsity type, ``None`` for the other types."""
     match = _NM_PATTERN.match(sparsity_type)
     return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def _is_number(value: Any) -> bool:
+    """True for int and float values, False for bools (``True`` is an int in Python, not a ratio)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_ratio(value: Any) -> bool:
+    return _is_number(value) and 0 <= value < 1
+
+
+def check_record(data: Mapping[str, Any]) -> None:
+    """Raise TypeError/ValueError if a record key of a ``pruning_config.json`` content has the wrong type."""
+    for key, expected in _RECORD_TYPES.items():
+        if key not in data or (data[key] is None and key != "masks_sha256"):
+            continue
+        if not isinstance(data[key], expected):
+            raise TypeError(f"Record key {key!r} must be a JSON {expected.__name__}, got {data[key]!r}.")
+    if "masks_sha256" in data and not _SHA256.match(data["masks_sha256"]):
+        raise ValueError(f"masks_sha256 must be 64 lowercase hex digits, got {data['masks_sha256']!r}.")
 
 
 @dataclass
@@ -106,9 +141,11 @@ class DPrunerConfig:
     )
 
     def __post_init__(self) -> None:
-        if not isinstance(self.sparsity, (int, float)) or not 0.0 <= float(self.sparsity) < 1.0:
+        if not _is_ratio(self.sparsity):
             raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}.")
         self.sparsity = float(self.sparsity)
+        if not isinstance(self.sparsity_type, str):
+            raise TypeError(f"sparsity_type must be a string ({', '.join(SPARSITY_TYPES)}), got {self.sparsity_type!r}")
         n_m = parse_n_m(self.sparsity_type)
         if n_m is not None:
             n, m = n_m
@@ -125,29 +162,40 @@ class DPrunerConfig:
             if not isinstance(self.layer_sparsity, dict):
                 raise TypeError(f"layer_sparsity must be a dict of regex -> ratio, got {type(self.layer_sparsity)}.")
             for pattern, ratio in self.layer_sparsity.items():
+                if not isinstance(pattern, str):
+                    raise TypeError(f"layer_sparsity keys must be regex strings, got {pattern!r}.")
                 try:
                     re.compile(pattern)
-                except re.error as err:
+                except (re.error, OverflowError, RecursionError) as err:
                     raise ValueError(f"layer_sparsity key {pattern!r} is not a valid regex: {err}.") from err
-                if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+                if not _is_ratio(ratio):
                     raise ValueError(f"layer_sparsity[{pattern!r}] must be in [0, 1), got {ratio!r}.")
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
                 self.target_modules = [self.target_modules]
+            if not isinstance(self.target_modules, (list, tuple)) or not all(
+                isinstance(name, str) and name for name in self.target_modules
+            ):
+                raise TypeError(f"target_modules must be a list of module names, got {self.target_modules!r}.")
             if not self.target_modules:
                 raise ValueError("target_modules is empty; leave it None to prune every Linear of the blocks.")
+            self.target_modules = list(self.target_modules)
         for name in ("num_samples", "seq_len"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not isinstance(self.clamp_general_importance, bool):
+            raise TypeError(f"clamp_general_importance must be true or false, got {self.clamp_general_importance!r}.")
         self._check_choice("general_estimator", GENERAL_ESTIMATORS)
         self._check_choice("domain_pass", DOMAIN_PASSES)
         self._check_choice("domain_score", DOMAIN_SCORES)
         self._check_choice("apply_masks_to", MASK_TARGETS)
-        if self.damping <= 0:
-            raise ValueError(f"damping must be > 0, got {self.damping!r}.")
-        if self.regularization_lambda < 0:
-            raise ValueError(f"regularization_lambda must be >= 0, got {self.regularization_lambda!r}.")
+        if not _is_number(self.damping) or not (0 < self.damping < math.inf):
+            raise ValueError(f"damping must be > 0, got {self.damping!r}; give a finite number.")
+        if not _is_number(self.regularization_lambda) or not (0 <= self.regularization_lambda < math.inf):
+            raise ValueError(
+                f"regularization_lambda must be >= 0, got {self.regularization_lambda!r}; give a finite number."
+            )
 
     def _check_choice(self, name: str, valid: tuple[str, ...]) -> None:
         if getattr(self, name) not in valid:
@@ -187,28 +235,62 @@ class DPrunerConfig:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DPrunerConfig":
+    def from_dict(cls, data: Mapping[str, Any]) -> "DPrunerConfig":
+        """The config of a recipe dict (record keys allowed and type-checked, other keys rejected)."""
+        if not isinstance(data, Mapping):
+            raise TypeError(f"A DPrunerConfig is read from a dict, got {type(data).__name__}.")
         names = {f.name for f in fields(cls)}
         unknown = set(data) - names - set(RECORD_KEYS)
         if unknown:
-            raise ValueError(f"Unknown DPrunerConfig keys {sorted(unknown)}; valid: {sorted(names)}.")
+            raise ValueError(f"Unknown DPrunerConfig keys {sorted(unknown, key=str)}; valid: {sorted(names)}.")
+        check_record(data)
         return cls(**{k: v for k, v in data.items() if k in names})
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "DPrunerConfig":
         """Read the recipe from a checkpoint folder or a ``pruning_config.json`` file."""
-        return cls.from_dict(read_pruning_record(path))
+        file = pruning_config_file(path)
+        data = read_pruning_record(file)
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise _invalid_file(err, file) from err
+
+
+def config_from_record(data: Mapping[str, Any], source: str | os.PathLike) -> DPrunerConfig | None:
+    """The DPrunerConfig of a ``pruning_config.json`` content read from `source`, ``None`` for a record without a
+    recipe (no ``sparsity`` key); invalid content raises an error that names `source`."""
+    try:
+        if "sparsity" in data:
+            return DPrunerConfig.from_dict(data)
+        check_record(data)
+        return None
+    except (TypeError, ValueError) as err:
+        raise _invalid_file(err, source) from err
+
+
+def _invalid_file(err: Exception, source: str | os.PathLike) -> Exception:
+    """`err` (TypeError or ValueError) restated with the file it came from and what to do."""
+    kind = TypeError if isinstance(err, TypeError) else ValueError
+    return kind(
+        f"{source} is not a valid {PRUNING_CONFIG_NAME}: {err} Fix it, or re-save or re-download the checkpoint."
+    )
+
+
+def pruning_config_file(path: str | os.PathLike) -> Path:
+    """``pruning_config.json`` inside a folder, or `path` itself when it is not a folder."""
+    path = Path(path)
+    return path / PRUNING_CONFIG_NAME if path.is_dir() else path
 
 
 def read_pruning_record(path: str | os.PathLike) -> dict[str, Any]:
     """The full ``pruning_config.json`` (recipe and record) of a folder or file, with clear errors."""
-    path = Path(path)
-    file = path / PRUNING_CONFIG_NAME if path.is_dir() else path
+    file = pruning_config_file(path)
     if not file.is_file():
         raise FileNotFoundError(f"No {PRUNING_CONFIG_NAME} at {file}; is this a folder saved by hf_dpruner?")
     try:
         data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise ValueError(f"{file} is not valid JSON ({err}); the file is corrupt, re-save the checkpoint.") from err
     if not isinstance(data, dict):
         raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}.")

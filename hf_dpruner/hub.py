@@ -10,7 +10,7 @@ from huggingface_hub.errors import HFValidationError, LocalTokenNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
 from .config import PRUNING_CONFIG_NAME, read_pruning_record
-from .masks import MASKS_NAME
+from .masks import MASKS_NAME, verify_masks_checksum
 from .model_card import write_model_card
 
 # Never uploaded: VCS data, temp folders of an interrupted save, caches.
@@ -30,7 +30,9 @@ def _check_checkpoint(folder: Path) -> dict:
         )
     if not any(folder.glob("model*.safetensors")):
         raise FileNotFoundError(f"{folder} has no model*.safetensors weights: the save is incomplete, save it again.")
-    return read_pruning_record(folder)
+    record = read_pruning_record(folder)
+    verify_masks_checksum(folder / MASKS_NAME, record.get("masks_sha256"), folder / PRUNING_CONFIG_NAME)
+    return record
 
 
 def resolve_token(token: str | bool | None) -> str:

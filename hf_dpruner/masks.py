@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -16,6 +18,21 @@ from .config import DPrunerConfig
 from .targets import PrunableWeight, module_type
 
 MASKS_NAME = "pruning_masks.safetensors"
+_NON_FINITE_REMEDY = (
+    "check the calibration data, and score in float32 or bfloat16 (float16 overflows to Inf on large activations)"
+)
+
+
+def check_finite_scores(scores: Mapping[str, torch.Tensor], source: str, remedy: str = _NON_FINITE_REMEDY) -> None:
+    """Raise ValueError naming the first score tensor that holds NaN or Inf (`source` says where it came from)."""
+    for name, score in scores.items():
+        finite = torch.isfinite(score)
+        if not finite.all():
+            nan = int(torch.isnan(score).sum())
+            raise ValueError(
+                f"{source}: the importance scores of {name} hold NaN or Inf ({nan} NaN, {int((~finite).sum()) - nan} "
+                f"Inf), so no mask can be computed from them; {remedy}."
+            )
 
 
 def topk_mask(scores: torch.Tensor, num_pruned: int) -> torch.Tensor:
@@ -41,15 +58,17 @@ def lowest_k_mask(scores: torch.Tensor, num_pruned: int) -> torch.Tensor:
     return keep
 
 
-def compute_mask(scores: torch.Tensor, sparsity: float, sparsity_type: str, input_dim: int = 1) -> torch.Tensor:
+def compute_mask(
+    scores: torch.Tensor, sparsity: float, sparsity_type: str, input_dim: int = 1, name: str = "weight"
+) -> torch.Tensor:
     """Keep-mask (True = keep) for one weight from its importance scores (higher = more important).
 
     ``unstructured``: the ``round(sparsity * numel)`` lowest scores of the matrix are pruned;
     ``row``: the same count in every output row; ``"N:M"``: N kept in every M consecutive inputs.
-    `input_dim` is the dim of the weight that indexes inputs (1 for nn.Linear, 0 for Conv1D).
+    `input_dim` is the dim of the weight that indexes inputs (1 for nn.Linear, 0 for Conv1D); `name` (the
+    parameter's) goes into the error raised for NaN or Inf scores.
     """
-    if not torch.isfinite(scores).all():
-        raise ValueError("Importance scores contain NaN or Inf; check the calibration data and the model dtype.")
+    check_finite_scores({name: scores}, "Mask computation")
     out_in = scores.t() if input_dim == 0 else scores
     if sparsity_type == "unstructured":
         keep = lowest_k_mask(out_in.reshape(-1), round(sparsity * out_in.numel())).reshape(out_in.shape)
@@ -73,7 +92,7 @@ def compute_masks(
     """Keep-masks for every scored weight, honouring `sparsity_type` and `layer_sparsity`."""
     return {
         name: compute_mask(
-            score, config.sparsity_for(name), config.sparsity_type, weights[name].input_dim
+            score, config.sparsity_for(name), config.sparsity_type, weights[name].input_dim, name
         ).to(weights[name].weight.device)
         for name, score in tqdm(scores.items(), desc="masks", disable=disable_tqdm)
     }
@@ -116,7 +135,7 @@ def pack_mask(keep: torch.Tensor) -> torch.Tensor:
 
 def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of `pack_mask`."""
-    numel = int(np.prod(shape))
+    numel = math.prod(shape)
     if packed.dtype != torch.uint8 or packed.numel() != (numel + 7) // 8:
         raise ValueError(f"Packed mask of {packed.numel()} {packed.dtype} bytes does not fit shape {tuple(shape)}.")
     bits = np.unpackbits(packed.numpy(), count=numel)
@@ -124,28 +143,75 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def save_masks(masks: Mapping[str, torch.Tensor], path: str | Path) -> None:
-    """Write bit-packed masks with their shapes in the safetensors metadata (key ``shapes``, JSON)."""
-    shapes = {name: list(keep.shape) for name, keep in masks.items()}
+    """Write bit-packed masks with their shapes in the safetensors metadata (key ``shapes``, JSON).
+
+    The bytes depend only on the masks, so equal masks give an equal sha256: hence a single metadata key (safetensors
+    writes several in no fixed order) and sorted names."""
+    shapes = {name: list(keep.shape) for name, keep in sorted(masks.items())}
     packed = {name: pack_mask(keep) for name, keep in masks.items()}
-    save_file(packed, str(path), metadata={"format": "hf_dpruner-masks-v1", "shapes": json.dumps(shapes)})
+    save_file(packed, str(path), metadata={"shapes": json.dumps(shapes)})
+
+
+def _recorded_shapes(metadata: Mapping[str, str], path: Path) -> dict[str, tuple[int, ...]]:
+    """The ``shapes`` metadata of a mask file: parameter name -> shape, each a list of non-negative ints."""
+    if "shapes" not in metadata:
+        raise ValueError(f"{path} is not an hf_dpruner mask file (no 'shapes' metadata).")
+    try:
+        shapes = json.loads(metadata["shapes"])
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"{path}: the 'shapes' metadata is not valid JSON ({err}).") from err
+    if not isinstance(shapes, dict):
+        raise ValueError(f"{path}: the 'shapes' metadata must map parameter names to shapes, got {shapes!r:.80}.")
+    for name, shape in shapes.items():
+        if not isinstance(shape, list) or not all(
+            isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in shape
+        ):
+            raise ValueError(f"{path}: the recorded shape of {name} must be a list of sizes >= 0, got {shape!r:.80}.")
+    return {name: tuple(shape) for name, shape in shapes.items()}
+
+
+def _unpack_entry(packed: torch.Tensor, shape: tuple[int, ...], name: str, path: Path) -> torch.Tensor:
+    try:
+        return unpack_mask(packed, shape)
+    except ValueError as err:
+        raise ValueError(f"{path}: the mask of {name} is malformed ({err}). Re-save or re-download the file.") from err
 
 
 def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read masks written by `save_masks`; a truncated or foreign file gives a clear ValueError."""
+    """Read masks written by `save_masks`; a truncated or foreign file gives a clear ValueError naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No mask file at {path}.")
     try:
         with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            if "shapes" not in metadata:
-                raise ValueError(f"{path} is not an hf_dpruner mask file (no 'shapes' metadata).")
-            shapes = json.loads(metadata["shapes"])
+            shapes = _recorded_shapes(handle.metadata() or {}, path)
             keys = set(handle.keys())
             if keys != set(shapes):
                 raise ValueError(f"{path}: tensors {sorted(keys ^ set(shapes))} lack a recorded shape or data.")
-            return {name: unpack_mask(handle.get_tensor(name), tuple(shapes[name])) for name in sorted(keys)}
-    except (SafetensorError, json.JSONDecodeError, OSError) as err:
+            return {name: _unpack_entry(handle.get_tensor(name), shapes[name], name, path) for name in sorted(keys)}
+    except (SafetensorError, OSError) as err:
         raise ValueError(
             f"Cannot read the mask file {path} ({err}); it is corrupt or truncated. Re-save or re-download it."
         ) from err
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_masks_checksum(path: str | Path, expected: str | None, recorded_in: str | Path) -> None:
+    """Raise ValueError if the mask file's sha256 differs from `expected` (the hash in `recorded_in`); ``None``
+    (a checkpoint saved before checksums were recorded) skips the check."""
+    if expected is None:
+        return
+    actual = file_sha256(path)
+    if actual != expected:
+        raise ValueError(
+            f"The mask file {path} has sha256 {actual}, but {recorded_in} records {expected}: the file is corrupt or "
+            "truncated, or comes from another save. Re-save the checkpoint, or re-download it (force_download=True)."
+        )

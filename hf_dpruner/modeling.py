@@ -16,9 +16,17 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from huggingface_hub import CommitInfo
 
 from . import __version__
-from .config import PRUNING_CONFIG_NAME, DPrunerConfig, read_pruning_record
+from .config import PRUNING_CONFIG_NAME, DPrunerConfig, config_from_record, read_pruning_record
 from .hub import local_checkpoint, push_folder_to_hub
-from .masks import MASKS_NAME, apply_masks, load_masks, save_masks, sparsity_report
+from .masks import (
+    MASKS_NAME,
+    apply_masks,
+    file_sha256,
+    load_masks,
+    save_masks,
+    sparsity_report,
+    verify_masks_checksum,
+)
 from .model_card import CARD_NAME, EVAL_RESULTS_NAME, write_model_card
 
 # Files of a previous save that would be stale beside the new ones: weights of another sharding or format, and
@@ -80,7 +88,13 @@ class PrunedModelMixin:
         try:
             super().save_pretrained(tmp, is_main_process=True, **kwargs)
             save_masks(self.pruning_masks, tmp / MASKS_NAME)
-            record = {**self.pruning_record, "hf_dpruner_version": __version__, "achieved_sparsity": self._summary()}
+            record = {
+                **self.pruning_record,
+                "hf_dpruner_version": __version__,
+                "achieved_sparsity": self._summary(),
+                # the bytes on disk, which the rename of `tmp` to `target` below leaves as they are
+                "masks_sha256": file_sha256(tmp / MASKS_NAME),
+            }
             write_pruning_config(tmp, self.pruning_config, record)
             write_model_card(tmp, overwrite_card, existing=target / CARD_NAME, model_name=target.resolve().name)
             _replace_folder(tmp, target)
@@ -187,18 +201,8 @@ def _install_mask(module: torch.nn.Module, keep: torch.Tensor) -> torch.utils.ho
     return module.register_forward_pre_hook(_rehook_replaced_weight)
 
 
-def make_pruned(
-    model: PreTrainedModel,
-    masks: Mapping[str, torch.Tensor],
-    config: DPrunerConfig | None = None,
-    record: Mapping[str, Any] | None = None,
-    apply: bool = False,
-) -> PreTrainedModel:
-    """Turn `model` (in place) into a pruned model that keeps `masks`; returns it.
-
-    The masks must name parameters of the model with their exact shapes. With ``apply=False`` the weights must
-    already be zero wherever a mask prunes (e.g. a loaded checkpoint), otherwise ValueError.
-    """
+def check_masks_fit(model: torch.nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Raise ValueError unless every mask names a ``.weight`` parameter of `model` and has its shape."""
     params = dict(model.named_parameters())
     unknown = sorted(name for name in masks if name not in params or not name.endswith(".weight"))
     if unknown:
@@ -212,6 +216,70 @@ def make_pruned(
                 f"The mask of {name} has shape {tuple(keep.shape)} but the weight has {tuple(params[name].shape)}: "
                 "the mask file belongs to another model."
             )
+
+
+def check_masks_match_record(masks: Mapping[str, torch.Tensor], record: Mapping[str, Any]) -> None:
+    """Raise ValueError if the masks are not the ones that `record` (a ``pruning_config.json`` content) describes:
+    other matrices than its ``achieved_sparsity.per_matrix``, or another pruned or targeted count."""
+    achieved = record.get("achieved_sparsity")
+    if not isinstance(achieved, Mapping):
+        return
+    per_matrix = achieved.get("per_matrix")
+    if isinstance(per_matrix, Mapping):
+        missing, extra = sorted(set(per_matrix) - set(masks)), sorted(set(masks) - set(per_matrix))
+        if missing:
+            raise ValueError(f"no mask for {len(missing)} matrices that the pruning record lists, e.g. {missing[:3]}.")
+        if extra:
+            listed = f"masks for {len(extra)} matrices that the pruning record does not list"
+            raise ValueError(f"{listed}, e.g. {extra[:3]}.")
+    measured = {
+        "num_pruned": sum(keep.numel() - int(keep.sum()) for keep in masks.values()),
+        "num_targeted": sum(keep.numel() for keep in masks.values()),
+    }
+    for key, count in measured.items():
+        if key in achieved and achieved[key] != count:
+            raise ValueError(f"the masks give {key} = {count}, the pruning record says {achieved[key]!r}.")
+
+
+def load_checkpoint_masks(
+    folder: str | os.PathLike, model: torch.nn.Module, record: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    """Read the ``pruning_masks.safetensors`` of a checkpoint `folder` for `model`, given the folder's
+    ``pruning_config.json`` content `record` (``{}`` if none): checks the recorded sha256 (when there is one), the
+    file format, that the masks fit the model's weights and that they are the masks the record describes. Every
+    error is a ValueError (FileNotFoundError for a missing file) that names the file."""
+    folder = Path(folder)
+    masks_file, config_file = folder / MASKS_NAME, folder / PRUNING_CONFIG_NAME
+    verify_masks_checksum(masks_file, record.get("masks_sha256"), config_file)
+    masks = load_masks(masks_file)
+    try:
+        check_masks_fit(model, masks)
+    except ValueError as err:
+        raise ValueError(f"{masks_file} does not fit the model loaded from {folder}: {err}") from err
+    try:
+        check_masks_match_record(masks, record)
+    except ValueError as err:
+        raise ValueError(
+            f"{masks_file} does not match {config_file}: {err} The two files come from different saves; re-save or "
+            "re-download the checkpoint."
+        ) from err
+    return masks
+
+
+def make_pruned(
+    model: PreTrainedModel,
+    masks: Mapping[str, torch.Tensor],
+    config: DPrunerConfig | None = None,
+    record: Mapping[str, Any] | None = None,
+    apply: bool = False,
+) -> PreTrainedModel:
+    """Turn `model` (in place) into a pruned model that keeps `masks`; returns it.
+
+    The masks must name parameters of the model with their exact shapes. With ``apply=False`` the weights must
+    already be zero wherever a mask prunes (e.g. a loaded checkpoint), otherwise ValueError.
+    """
+    check_masks_fit(model, masks)
+    params = dict(model.named_parameters())
     for handle in getattr(model, "_pruning_hook_handles", []):
         handle.remove()
     for module in model.modules():
@@ -250,13 +318,22 @@ class AutoPrunedModelForCausalLM:
                 f"{pretrained_model_name_or_path} has no {MASKS_NAME}: it was not saved by hf_dpruner. Load it with "
                 "AutoModelForCausalLM, or prune it first."
             )
+        data = read_pruning_record(config_file) if config_file.is_file() else {}
+        config = config_from_record(data, config_file)  # before the weights load: a bad file fails fast
         model = AutoModelForCausalLM.from_pretrained(folder, *args, **kwargs)
         model.config._name_or_path = str(pretrained_model_name_or_path)  # the repo id, as transformers records it
-        masks = load_masks(masks_file)
-        record: dict[str, Any] = {}
-        config = None
-        if config_file.is_file():
-            data = read_pruning_record(config_file)
-            config = DPrunerConfig.from_dict(data) if "sparsity" in data else None
-            record = {k: data[k] for k in ("method", "base_model", "calibration", "recovery") if k in data}
+        return attach_checkpoint_masks(model, folder, data, config)
+
+
+def attach_checkpoint_masks(
+    model: PreTrainedModel, folder: str | os.PathLike, data: Mapping[str, Any], config: DPrunerConfig | None
+) -> PreTrainedModel:
+    """Make `model`, whose weights were loaded from `folder`, a pruned model with the folder's masks, `data` (its
+    ``pruning_config.json`` content, ``{}`` if none) and `config` (the recipe in `data`). Errors name the files."""
+    folder = Path(folder)
+    masks = load_checkpoint_masks(folder, model, data)
+    record = {k: data[k] for k in ("method", "base_model", "calibration", "recovery") if k in data}
+    try:
         return make_pruned(model, masks, config, record)
+    except ValueError as err:
+        raise ValueError(f"The weights in {folder} and {folder / MASKS_NAME} disagree: {err}") from err

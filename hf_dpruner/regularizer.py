@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
+from .masks import check_finite_scores
 from .targets import PrunableWeight
 
 
@@ -44,6 +45,7 @@ class GeneralImportanceRegularizer:
         missing = set(weights) - set(importance)
         if missing:
             raise ValueError(f"General importance lacks {len(missing)} target weights, e.g. {sorted(missing)[0]}.")
+        check_finite_scores({n: importance[n] for n in weights}, "General importance")
         self.weights = weights
         self.lam = float(lam)
         self.importance = {n: importance[n].to(w.weight.device, torch.float32) for n, w in weights.items()}

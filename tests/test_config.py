@@ -111,6 +111,7 @@ def test_save_and_load_round_trip_keeps_record_keys(tmp_path):
         "calibration": {"general": "c4", "domain": "pubmed"},
         "achieved_sparsity": {"overall": 0.3},
         "recovery": {"method": "lora", "r": 8},
+        "masks_sha256": "0" * 64,
     }
     path = config.save_pretrained(tmp_path / "ckpt", **record)
     assert path == tmp_path / "ckpt" / PRUNING_CONFIG_NAME

@@ -398,6 +398,12 @@ def test_loading_masks_of_another_model_is_a_value_error(model_factory, tmp_path
     prune(model_factory("llama")).save_pretrained(tmp_path / "llama")
     prune(model_factory("llama", intermediate_size=96)).save_pretrained(tmp_path / "other")
     os.replace(tmp_path / "other" / MASKS_NAME, tmp_path / "llama" / MASKS_NAME)
+    with pytest.raises(ValueError, match="sha256"):  # the recorded checksum catches the swap first
+        AutoPrunedModelForCausalLM.from_pretrained(tmp_path / "llama")
+    record_file = tmp_path / "llama" / PRUNING_CONFIG_NAME
+    record = json.loads(record_file.read_text())
+    del record["masks_sha256"]  # a checkpoint saved before checksums were recorded
+    record_file.write_text(json.dumps(record))
     with pytest.raises(ValueError, match="belongs to another model"):
         AutoPrunedModelForCausalLM.from_pretrained(tmp_path / "llama")
 

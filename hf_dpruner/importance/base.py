@@ -11,7 +11,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..masks import check_finite_scores
 from ..targets import PrunableWeight
+
+_FLOAT16_NOTE = "in float32 or bfloat16 (float16 overflows to Inf on large activations)"
 
 
 class ImportanceScorer(ABC):
@@ -33,6 +36,7 @@ class ImportanceScorer(ABC):
 def save_importance(scores: Mapping[str, torch.Tensor], path: str | Path, description: Mapping | None = None) -> None:
     """Write scores to a safetensors file (atomically), with a JSON `description` in the metadata."""
     path = Path(path)
+    check_finite_scores(scores, f"Not caching importance to {path}", f"recompute them {_FLOAT16_NOTE}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tensors = {name: score.detach().to("cpu", torch.float32).contiguous() for name, score in scores.items()}
@@ -50,6 +54,10 @@ def load_importance(path: str | Path, weights: Mapping[str, PrunableWeight] | No
             scores = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError) as err:
         raise ValueError(f"Cannot read importance file {path} ({err}); delete it to recompute.") from err
+    for name, score in scores.items():
+        if not score.is_floating_point():
+            raise ValueError(f"Importance file {path}: {name} holds {score.dtype}, not floats; delete it to recompute.")
+    check_finite_scores(scores, f"Importance file {path}", f"delete the file to recompute it {_FLOAT16_NOTE}")
     if weights is not None:
         missing, extra = set(weights) - set(scores), set(scores) - set(weights)
         if missing or extra:
