@@ -56,7 +56,7 @@ def train_models(settings: dict):
     from hf_dpruner.corpora import load_corpus_texts
     from hf_dpruner.data import CausalLMCollator, build_windows
     from hf_dpruner.methods import prune_model
-    from hf_dpruner.pat import PATConfig, PATTrainer
+    from hf_dpruner.pat import PATConfig, PATTrainer, export_pat_model
     from hf_dpruner.recovery import RecoveryArguments, recover
     from hf_dpruner.resources import default_model_path
 
@@ -81,7 +81,7 @@ def train_models(settings: dict):
                          pat_config=pat_config, train_dataset=Dataset.from_dict(windows.to_dict()),
                          processing_class=tokenizer)
     trainer.train()
-    small = trainer.export(None)
+    small = export_pat_model(trainer.model)
     label = f"PAT {settings['pruning_ratio']:.0%}"
     models[label] = {"model": small, "train_seconds": time.perf_counter() - start}
 
@@ -103,13 +103,11 @@ def train_models(settings: dict):
     return models, tokenizer
 
 
-def throughput(models: dict[str, dict], tokenizer, settings: dict) -> dict[str, dict[int, float]]:
+def throughput(models: dict[str, dict], tokenizer, settings: dict, texts: list[str]) -> dict[str, dict[int, float]]:
     """Greedy generation tokens/s per model at batch 1 and 8, measured interleaved; median of the repeats."""
     import torch
 
-    from hf_dpruner.corpora import load_corpus_texts
-
-    prompt_ids = tokenizer(" ".join(load_corpus_texts(DOMAIN, "eval")[:4]), return_tensors="pt")["input_ids"]
+    prompt_ids = tokenizer(" ".join(texts[:4]), return_tensors="pt")["input_ids"]
     prompt = prompt_ids[:, : settings["prompt_tokens"]]
     new = settings["new_tokens"]
     timings: dict[str, dict[int, list[float]]] = {name: {1: [], 8: []} for name in models}
@@ -138,13 +136,15 @@ def measure(settings: dict) -> list[dict]:
     from hf_dpruner.evaluation import perplexity
 
     models, tokenizer = train_models(settings)
-    speeds = throughput(models, tokenizer, settings)
+    eval_texts = {key: load_corpus_texts(corpus, "eval") for key, corpus in (("domain_ppl", DOMAIN),
+                                                                            ("general_ppl", "general"))}
+    speeds = throughput(models, tokenizer, settings, eval_texts["domain_ppl"])
     rows = []
     for name, entry in models.items():
         model = entry["model"]
-        ppl = {key: perplexity(model, tokenizer, load_corpus_texts(corpus, "eval"), seq_len=settings["eval_seq_len"],
+        ppl = {key: perplexity(model, tokenizer, texts, seq_len=settings["eval_seq_len"],
                                max_tokens=settings["eval_tokens"], disable_tqdm=True)["perplexity"]
-               for key, corpus in (("domain_ppl", DOMAIN), ("general_ppl", "general"))}
+               for key, texts in eval_texts.items()}
         size = _checkpoint_bytes(model)
         nonzero = sum(int((p != 0).sum()) for p in model.parameters())
         rows.append({"method": name, **ppl, "parameters": model.num_parameters(), "nonzero_parameters": nonzero,

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 from transformers.testing_utils import CaptureLogger
 
 from conftest import build_tiny, make_windows
-from hf_dpruner.commands.cli import main
+from hf_dpruner.commands.cli import SUBCOMMANDS, main
 from hf_dpruner.pat import (
     PAT_CONFIG_NAME,
     HybridSparsificationModule,
@@ -227,3 +227,34 @@ def test_cli_pat_exports_a_smaller_model(tiny_model_dir, tmp_path, capsys):  # n
 def test_cli_pat_needs_max_steps(tiny_model_dir, tmp_path):  # noqa: F811
     with pytest.raises(SystemExit):
         main(["pat", "--model", str(tiny_model_dir), "--max-steps", "-1", "--output-dir", str(tmp_path / "o")])
+
+
+def test_resume_from_a_checkpoint_restores_the_pat_modules(tmp_path):
+    """6 steps in one go equal 3 steps, a checkpoint, and 3 more steps resumed in a new trainer."""
+    config = PATConfig(hsm_rank=2, lora_r=2)
+    straight = _train(build_tiny("llama"), tmp_path / "a", config, steps=6)
+    expected = get_pat_modules(straight.model).state_dict()
+
+    first = _train(build_tiny("llama"), tmp_path / "b", config, steps=6, save_strategy="steps", save_steps=3)
+    checkpoint = tmp_path / "b" / "run" / "checkpoint-3"
+    assert (checkpoint / "pat_modules.safetensors").is_file()
+    del first
+    dataset = Dataset.from_dict({"input_ids": make_windows(32, 16).tolist()})
+    args = TrainingArguments(str(tmp_path / "c"), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+                             report_to=[], save_strategy="no", disable_tqdm=True)
+    resumed = PATTrainer(model=build_tiny("llama"), args=args, pat_config=config, train_dataset=dataset)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    got = get_pat_modules(resumed.model).state_dict()
+    assert int(got["mask.step"]) == int(expected["mask.step"])
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("subcommand", sorted(SUBCOMMANDS))
+def test_every_subcommand_prints_its_help(subcommand, capsys):
+    try:
+        code = main([subcommand, "--help"])
+    except SystemExit as exit:
+        code = exit.code
+    assert code == 0
+    assert "usage" in capsys.readouterr().out.lower()

@@ -23,7 +23,9 @@ class PATConfig:
     )
     hsm_rank: int | None = field(
         default=None,
-        metadata={"help": "Rank of each HSM's low-rank transform. Default: 5% of hidden_size (the paper's setting)."},
+        metadata={
+            "help": "Rank of each HSM's low-rank transform. Default: 0.05 x hidden_size, rounded (the paper's setting)."
+        },
     )
     mask_warmup_fraction: float = field(
         default=1 / 3,

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, Trainer
 from transformers.utils import logging
 
@@ -16,6 +18,8 @@ from .export import export_pat_model
 from .modules import get_pat_model, get_pat_modules
 
 logger = logging.get_logger(__name__)
+
+PAT_STATE_NAME = "pat_modules.safetensors"
 
 
 class PATTrainer(Trainer):
@@ -92,6 +96,27 @@ class PATTrainer(Trainer):
         self._pat_terms = {"pat_active_loss": float(active.detach()), "pat_identity_loss": float(identity.detach()),
                            "pat_open_channels": mask.num_open(), "pat_mask_binary": float(mask.is_binary)}
         return cfg.active_loss_weight * active + cfg.identity_loss_weight * identity
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """The Trainer's checkpoint plus the HSMs, mask logits and schedule step (a peft checkpoint holds only the
+        adapter)."""
+        super()._save(output_dir, state_dict)
+        folder = Path(output_dir if output_dir is not None else self.args.output_dir)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.pat.state_dict().items()}
+        save_file(state, folder / PAT_STATE_NAME, metadata={"format": "pt"})
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = Path(resume_from_checkpoint) / PAT_STATE_NAME
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{resume_from_checkpoint} has no {PAT_STATE_NAME}: it was not written by PATTrainer, so the HSMs and "
+                "the mask cannot be restored. Resume from a PATTrainer checkpoint."
+            )
+        try:
+            self.pat.load_state_dict(load_file(path))
+        except (RuntimeError, OSError) as err:
+            raise ValueError(f"{path} does not match this model's PAT modules ({err}).") from err
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:
