@@ -49,7 +49,8 @@ def main() -> None:
     with torch.no_grad():
         difference = (small(input_ids=prompt).logits - expected).abs().max().item()
     print(f"hidden size {masked.config.hidden_size} -> {small.config.hidden_size}; parameters "
-          f"{dense_parameters:,} -> {small.num_parameters():,}; max |logit difference| vs masked model {difference:.2e}")
+          f"{dense_parameters:,} -> {small.num_parameters():,}; "
+          f"max |logit difference| vs masked model {difference:.2e}")
     ppl = perplexity(small, tokenizer, eval_texts, seq_len=256, max_tokens=4096, disable_tqdm=True)["perplexity"]
     print(f"medical eval perplexity of the export: {ppl:.2f}; saved to {args.output_dir}")
 

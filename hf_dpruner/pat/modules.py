@@ -68,7 +68,9 @@ class PATModules(nn.Module):
         self.mask = SharedChannelMask(hidden_size, config.kept_channels(hidden_size), config.mask_warmup_fraction)
         rank = config.rank_for(hidden_size)
         self.hsms = nn.ModuleDict({
-            site.key: HybridSparsificationModule(hidden_size, rank, transform=not (site.key == "embed" and tied_embeddings))
+            site.key: HybridSparsificationModule(
+                hidden_size, rank, transform=not (site.key == "embed" and tied_embeddings)
+            )
             for site in sites
         })
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -126,7 +128,8 @@ def get_pat_model(model: PreTrainedModel, config: PATConfig | None = None) -> Pr
     pat.requires_grad_(True)
     pat.attach(base)
     logger.info(
-        f"PAT: {len(sites)} HSMs (rank {config.rank_for(hidden_size)}{', mask-only on the tied embeddings' if tied else ''}), "
+        f"PAT: {len(sites)} HSMs (rank {config.rank_for(hidden_size)}"
+        f"{', mask-only on the tied embeddings' if tied else ''}), "
         f"target {pat.mask.num_kept} of {hidden_size} hidden channels, LoRA r={config.lora_r}."
     )
     return wrapped

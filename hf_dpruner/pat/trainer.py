@@ -27,8 +27,8 @@ class PATTrainer(Trainer):
 
     The model is prepared with `get_pat_model` unless it already was. Before every forward the shared mask moves
     along its schedule (step ``global_step`` of ``max_steps``); once per optimizer step the loss adds
-    ``active_loss_weight · |N_target − N_open| / d + identity_loss_weight · Σ ‖A Aᵀ − I‖²``. The mask logits get
-    their own learning rate (``mask_learning_rate``). `export()` writes the smaller standard checkpoint.
+    ``active_loss_weight · |N_target − N_open| / d + identity_loss_weight · Σ ‖A Aᵀ − I‖²``. The mask logits
+    get their own learning rate (``mask_learning_rate``). `export()` writes the smaller standard checkpoint.
 
     Args:
         pat_config: the recipe (`PATConfig()` if omitted).
