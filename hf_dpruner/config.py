@@ -286,12 +286,18 @@ def pruning_config_file(path: str | os.PathLike) -> Path:
 def read_pruning_record(path: str | os.PathLike) -> dict[str, Any]:
     """The full ``pruning_config.json`` (recipe and record) of a folder or file, with clear errors."""
     file = pruning_config_file(path)
+    return read_json_object(file, "is this a folder saved by hf_dpruner?", "re-save the checkpoint")
+
+
+def read_json_object(file: Path, missing_hint: str, remedy: str) -> dict[str, Any]:
+    """The JSON object in `file`; clear errors (with `missing_hint` / `remedy`) when it is absent, corrupt or not
+    an object."""
     if not file.is_file():
-        raise FileNotFoundError(f"No {PRUNING_CONFIG_NAME} at {file}; is this a folder saved by hf_dpruner?")
+        raise FileNotFoundError(f"No {file.name} at {file}; {missing_hint}")
     try:
         data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise ValueError(f"{file} is not valid JSON ({err}); the file is corrupt, re-save the checkpoint.") from err
+        raise ValueError(f"{file} is not valid JSON ({err}); the file is corrupt, {remedy}.") from err
     if not isinstance(data, dict):
         raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}.")
     return data

@@ -152,6 +152,12 @@ def _replace_folder(new: Path, target: Path) -> None:
         for item in target.iterdir():
             if not (new / item.name).exists() and not _STALE_FILES.match(item.name):
                 os.replace(item, new / item.name)
+    swap_folder(new, target)
+
+
+def swap_folder(new: Path, target: Path) -> None:
+    """Rename the finished `new` folder to `target`; an existing `target` is moved aside first, then deleted."""
+    if target.is_dir():
         backup = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, backup)
         os.replace(new, target)

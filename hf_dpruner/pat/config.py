@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..config import read_json_object
+
 PAT_CONFIG_NAME = "pat_config.json"
 # Keys that `save_pretrained` adds beside the recipe (what the run produced).
 PAT_RECORD_KEYS = ("method", "hf_dpruner_version", "base_model", "training", "export")
@@ -113,12 +115,4 @@ def read_pat_record(path: str | os.PathLike) -> dict[str, Any]:
     """The full ``pat_config.json`` (recipe and record) of a folder or file, with clear errors."""
     path = Path(path)
     file = path / PAT_CONFIG_NAME if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"No {PAT_CONFIG_NAME} at {file}; is this a folder exported by hf_dpruner's PAT?")
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file} is not valid JSON ({err}); the file is corrupt, export again.") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}.")
-    return data
+    return read_json_object(file, "is this a folder exported by hf_dpruner's PAT?", "export again")

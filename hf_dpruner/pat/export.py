@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from transformers.utils import logging
 
 from .. import __version__
+from ..modeling import swap_folder
 from .config import PATConfig
 from .modules import PATModules, get_pat_modules
 
@@ -149,13 +150,7 @@ def _save(small: PreTrainedModel, output_dir: Path, tokenizer, config: PATConfig
                                base_model=record.get("base_model", getattr(base.config, "_name_or_path", None)),
                                training=record.get("training", {}), export=export)
         write_pat_card(tmp, model_name=output_dir.name)
-        if output_dir.exists():
-            backup = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-            os.replace(output_dir, backup)
-            os.replace(tmp, output_dir)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, output_dir)
+        swap_folder(tmp, output_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
