@@ -97,13 +97,17 @@ def input_statistics(
     step: BlockStep, targets: list[PrunableWeight], batches: Sequence[Mapping[str, torch.Tensor]], gram: bool
 ) -> dict[str, tuple[torch.Tensor, int]]:
     """Run the block once over its inputs with hooks on `targets`; per module, over non-padding tokens,
-    ``Σ x²`` per input feature (``gram=False``) or ``XᵀX`` (``gram=True``), in fp32, and the token count."""
+    ``Σ x²`` per input feature (``gram=False``, fp32) or ``XᵀX`` (``gram=True``), and the token count.
+
+    Each batch's ``XᵀX`` is computed in fp32 and summed in fp64, so the total does not depend (beyond fp64
+    rounding) on how the batches are split between processes and summed back (`distributed.all_reduce_sum_`)."""
     token_masks = [_token_mask(batch) for batch in batches]
     acc: dict[str, list] = {}
     for w in targets:
         size = w.weight.shape[w.input_dim]
         shape = (size, size) if gram else (size,)
-        acc[w.name] = [torch.zeros(shape, dtype=torch.float32, device=w.weight.device), 0]
+        dtype = torch.float64 if gram else torch.float32
+        acc[w.name] = [torch.zeros(shape, dtype=dtype, device=w.weight.device), 0]
     batch_index = [-1]
 
     def next_batch(module: torch.nn.Module, args: tuple) -> None:
@@ -117,7 +121,7 @@ def input_statistics(
             if keep is not None and keep.numel() == x.shape[0]:  # modules seeing every token of the batch
                 x = x[keep.to(x.device)]
             if gram:
-                acc[name][0].addmm_(x.t(), x)
+                acc[name][0].add_(x.t() @ x)
             else:
                 acc[name][0].add_((x * x).sum(0))
             acc[name][1] += x.shape[0]

@@ -19,6 +19,7 @@ from transformers.utils import logging
 from .callbacks import DomainImportanceCallback, KeepMasksCallback
 from .config import DPrunerConfig
 from .data import CausalLMCollator, describe_source, prepare_calibration_dataset
+from .distributed import all_reduce_count, all_reduce_sum_, broadcast_from_main_, shard
 from .importance import DomainImportance, general_scorer, load_importance, save_importance
 from .masks import compute_masks, sparsity_report
 from .modeling import make_pruned
@@ -120,8 +121,20 @@ class DPrunerTrainer(Trainer):
     # ---- the three stages ----
 
     def _calibration_batches(self, dataset: Dataset) -> list[dict[str, torch.Tensor]]:
+        """This process's share of the batches (all of them in a single process)."""
         loader = DataLoader(dataset, batch_size=self.args.per_device_train_batch_size, collate_fn=self.data_collator)
-        return [self._prepare_inputs(batch) for batch in loader]
+        return [self._prepare_inputs(batch) for batch in shard(list(loader))]
+
+    def _check_even_domain_shards(self) -> None:
+        """Several processes must split the domain windows evenly: accelerate pads a short last batch with
+        repeated windows, which would count them twice in S."""
+        per_step = self.args.per_device_train_batch_size * self.accelerator.num_processes
+        if self.accelerator.num_processes > 1 and len(self.train_dataset) % per_step:
+            raise ValueError(
+                f"{len(self.train_dataset)} domain windows do not split evenly into batches of "
+                f"{self.args.per_device_train_batch_size} on {self.accelerator.num_processes} processes; set "
+                f"num_samples to a multiple of {per_step}."
+            )
 
     def compute_general_importance(self) -> dict[str, torch.Tensor]:
         """Stage 1: G on the general data (cached to `general_importance` path if one was given)."""
@@ -152,6 +165,7 @@ class DPrunerTrainer(Trainer):
         self.regularizer = GeneralImportanceRegularizer(
             self.prunable, self.compute_general_importance(), cfg.regularization_lambda, bound
         )
+        self._check_even_domain_shards()
         self.domain_importance = DomainImportance(self.prunable, cfg.domain_score)
         if cfg.domain_pass == "finetune" and cfg.apply_masks_to == "original":
             # the fine-tune moves every trainable parameter; the targets' W0 is already held by the regularizer
@@ -172,7 +186,10 @@ class DPrunerTrainer(Trainer):
         return self.domain_importance.scores
 
     def _score_domain(self) -> None:
-        """Score-only pass: gradients at W₀, refined with the regularizer's look-ahead gradient."""
+        """Score-only pass: gradients at W₀, refined with the regularizer's look-ahead gradient.
+
+        The model is not wrapped for data parallelism here: each process scores its share of the batches and the
+        per-batch terms are summed over processes at the end."""
         model = self.model
         model.eval()
         lr = self.args.learning_rate
@@ -186,6 +203,8 @@ class DPrunerTrainer(Trainer):
             }
             self.domain_importance.update(grads)
         model.zero_grad(set_to_none=True)
+        all_reduce_sum_(list(self.domain_importance.scores.values()))
+        self.domain_importance.num_updates = all_reduce_count(self.domain_importance.num_updates, self.args.device)
 
     @torch.no_grad()
     def _restore_original_weights(self) -> None:
@@ -207,6 +226,7 @@ class DPrunerTrainer(Trainer):
         seconds["domain_importance"] = time.perf_counter() - start
         start = time.perf_counter()
         masks = compute_masks(scores, self.prunable, cfg, disable_tqdm=self.args.disable_tqdm)
+        broadcast_from_main_(masks)  # equal on every rank already, up to rounding; make them identical
         if cfg.apply_masks_to == "original":
             self._restore_original_weights()
         record = {

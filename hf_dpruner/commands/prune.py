@@ -124,6 +124,8 @@ def main(argv: list[str]) -> int:
     )
     model.pruning_record["base_model"] = prune_args.model or DEFAULT_MODEL_NAME
     model.pruning_record["calibration"].update(general_data=general_source, domain_data=domain_source)
+    if not training_args.should_save:  # under several processes only the main one writes
+        return 0
     save_start = time.perf_counter()
     model.save_pretrained(training_args.output_dir)
     tokenizer.save_pretrained(training_args.output_dir)

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import all_reduce_count, all_reduce_sum_
 from ..layerwise import input_statistics, iterate_blocks
 from ..targets import PrunableWeight
 from .base import ImportanceScorer
@@ -25,7 +26,9 @@ def obs_saliency(weight_out_in: torch.Tensor, hessian: torch.Tensor, damping: fl
 
 
 class OBSImportance(ImportanceScorer):
-    """OBS/SparseGPT saliency with ``H = (2/n) Σ x xᵀ``, one decoder block at a time (bounded memory)."""
+    """OBS/SparseGPT saliency with ``H = (2/n) Σ x xᵀ``, one decoder block at a time (bounded memory).
+
+    Under several processes each rank passes its share of the batches; the Hessians are summed over ranks."""
 
     name = "obs"
 
@@ -47,15 +50,18 @@ class OBSImportance(ImportanceScorer):
         for step in iterate_blocks(model, batches, desc="general importance (OBS)", disable_tqdm=disable_tqdm):
             targets = by_block.get(step.index, [])
             statistics = input_statistics(step, targets, batches, gram=True)
+            all_reduce_sum_([gram for gram, _ in statistics.values()])
             for w in targets:
                 gram, count = statistics[w.name]
+                count = all_reduce_count(count, gram.device)
                 saliency = obs_saliency(w.as_out_in(w.weight.detach()), gram * (2.0 / count), self.damping)
                 scores[w.name] = saliency.t().contiguous() if w.input_dim == 0 else saliency
         return scores
 
 
 class FisherImportance(ImportanceScorer):
-    """Second-order Taylor with the diagonal empirical Fisher: ``G = ½ · mean(g²) · W²``."""
+    """Second-order Taylor with the diagonal empirical Fisher: ``G = ½ · mean(g²) · W²`` (``Σ g²`` and the batch
+    count summed over processes)."""
 
     name = "fisher"
 
@@ -84,8 +90,10 @@ class FisherImportance(ImportanceScorer):
             for name, w in weights.items():
                 w.weight.requires_grad_(requires_grad[name])
             model.train(was_training)
+        all_reduce_sum_(list(fisher.values()))
+        count = all_reduce_count(len(batches), next(iter(fisher.values())).device)
         for name, w in weights.items():  # in place: one fp32 buffer per weight, not two
-            fisher[name].mul_(w.weight.detach().float() ** 2).mul_(0.5 / len(batches))
+            fisher[name].mul_(w.weight.detach().float() ** 2).mul_(0.5 / count)
         return fisher
 
 
