@@ -54,18 +54,18 @@ def run_single(spec: dict) -> dict:
         report_to="none", disable_tqdm=True, logging_strategy="no", seed=0,
     )
     method = spec["method"]
-    seconds = 0.0
+    seconds, stages = 0.0, {}
     if method != "dense":
         general_importance = spec["general_importance"] if method.startswith("dpruner") else None
         if method == "dpruner" and general_importance:
             Path(general_importance).unlink(missing_ok=True)  # fresh: compute (and write the cache for -cached)
         start = time.perf_counter()
-        model, _ = prune_model(
+        model, result = prune_model(
             model, tokenizer, method.removesuffix("-cached"), config, args,
             general_texts=load_corpus_texts("general"), domain_texts=load_corpus_texts(spec["domain"]),
             general_importance=general_importance,
         )
-        seconds = time.perf_counter() - start
+        seconds, stages = time.perf_counter() - start, result.stage_seconds
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     ppl = {
         name: perplexity(model, tokenizer, load_corpus_texts(corpus, "eval"), seq_len=spec["eval_seq_len"],
@@ -73,7 +73,7 @@ def run_single(spec: dict) -> dict:
         for name, corpus in (("domain", spec["domain"]), ("general", "general"))
     }
     return {**spec, "domain_ppl": ppl["domain"], "general_ppl": ppl["general"], "prune_seconds": seconds,
-            "peak_rss_mib": peak_mib}
+            "stage_seconds": stages, "peak_rss_mib": peak_mib}
 
 
 def goals(rows: list[dict]) -> list[str]:

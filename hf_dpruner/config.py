@@ -17,6 +17,7 @@ GENERAL_ESTIMATORS = ("obs", "fisher")
 DOMAIN_PASSES = ("finetune", "score")
 DOMAIN_SCORES = ("taylor", "taylor_plus")
 MASK_TARGETS = ("original", "tuned")
+IMPORTANCE_DTYPES = ("float32", "bfloat16")
 _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 SPARSITY_TYPES = ("unstructured", "row", "N:M (e.g. 2:4, 4:8)")
 
@@ -140,6 +141,22 @@ class DPrunerConfig:
         },
     )
 
+    importance_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Dtype of the importance buffers G and S: 'float32', or 'bfloat16' to halve their memory (S is "
+            "then accumulated with stochastic rounding, so long passes do not stall). float16 is not offered: OBS "
+            "saliencies overflow its range and Taylor terms underflow it."
+        },
+    )
+    offload_importance: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep G, S and the regularizer's W0 in CPU memory and move them to the weight's device one "
+            "matrix at a time (for models on an accelerator; a no-op on CPU)."
+        },
+    )
+
     def __post_init__(self) -> None:
         if not _is_ratio(self.sparsity):
             raise ValueError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}.")
@@ -184,12 +201,19 @@ class DPrunerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-        if not isinstance(self.clamp_general_importance, bool):
-            raise TypeError(f"clamp_general_importance must be true or false, got {self.clamp_general_importance!r}.")
+        for name in ("clamp_general_importance", "offload_importance"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         self._check_choice("general_estimator", GENERAL_ESTIMATORS)
         self._check_choice("domain_pass", DOMAIN_PASSES)
         self._check_choice("domain_score", DOMAIN_SCORES)
         self._check_choice("apply_masks_to", MASK_TARGETS)
+        if self.importance_dtype == "float16":
+            raise ValueError(
+                "importance_dtype 'float16' is not supported: OBS saliencies exceed its range (65504) and Taylor "
+                "terms fall below its resolution. Use 'bfloat16' to halve the importance memory."
+            )
+        self._check_choice("importance_dtype", IMPORTANCE_DTYPES)
         if not _is_number(self.damping) or not (0 < self.damping < math.inf):
             raise ValueError(f"damping must be > 0, got {self.damping!r}; give a finite number.")
         if not _is_number(self.regularization_lambda) or not (0 <= self.regularization_lambda < math.inf):
@@ -301,3 +325,4 @@ def read_json_object(file: Path, missing_hint: str, remedy: str) -> dict[str, An
     if not isinstance(data, dict):
         raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}.")
     return data
+

@@ -37,11 +37,21 @@ def shard(items: Sequence[T]) -> list[T]:
 
 
 def all_reduce_sum_(tensors: Sequence[torch.Tensor]) -> None:
-    """Sum each tensor over all ranks, in place."""
+    """Sum each tensor over all ranks, in place. bfloat16/float16 tensors are summed in float32 and, under NCCL
+    (which reduces only GPU tensors), CPU tensors on the GPU, one tensor at a time."""
     if world()[1] == 1:
         return
+    nccl = dist.get_backend() == "nccl"
     for tensor in tensors:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        low = tensor.dtype in (torch.bfloat16, torch.float16)
+        moved = nccl and tensor.device.type == "cpu"
+        if not (low or moved):
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            continue
+        device = torch.device("cuda", torch.cuda.current_device()) if moved else tensor.device
+        carrier = tensor.to(device, torch.float32 if low else tensor.dtype)
+        dist.all_reduce(carrier, op=dist.ReduceOp.SUM)
+        tensor.copy_(carrier)
 
 
 def all_reduce_count(count: int, device: torch.device | str = "cpu") -> int:

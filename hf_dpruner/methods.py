@@ -30,12 +30,14 @@ def prune_model(
     domain_texts: Sequence[str] | None,
     calibration: str = "domain",
     general_importance: str | os.PathLike | None = None,
+    resume_from_checkpoint: str | None = None,
 ) -> tuple[PreTrainedModel, PruningResult]:
     """Prune `model` in place with `method` and return it as a pruned model (masks attached) with the result.
 
     D-Pruner uses both texts (`config.num_samples` windows of `config.seq_len` tokens each). The baselines
     calibrate on the same number of windows of one of them: the domain text by default (their strongest
-    setting for a domain model), the general text with ``calibration="general"``.
+    setting for a domain model), the general text with ``calibration="general"``. `resume_from_checkpoint`
+    continues an interrupted D-Pruner domain pass.
     """
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; valid: {', '.join(METHODS)}.")
@@ -49,7 +51,7 @@ def prune_model(
             processing_class=tokenizer,
             general_importance=general_importance,
         )
-        return trainer.model, trainer.prune()
+        return trainer.model, trainer.prune(resume_from_checkpoint)
     if calibration not in CALIBRATION_CHOICES:
         raise ValueError(f"calibration must be one of {CALIBRATION_CHOICES}, got {calibration!r}.")
     texts = domain_texts if calibration == "domain" else general_texts

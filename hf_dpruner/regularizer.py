@@ -10,29 +10,37 @@ from .masks import check_finite_scores
 from .targets import PrunableWeight
 
 
+def _importance_for(weight: torch.Tensor, importance: torch.Tensor, bound: float | None) -> torch.Tensor:
+    """G of one weight in float32 on the weight's device, clamped at `bound` (a per-matrix temporary)."""
+    g = importance.to(weight.device, torch.float32)
+    return g.clamp(max=bound) if bound is not None else g
+
+
 class _WeightPenalty(torch.autograd.Function):
     """``λ·Σ G·(W − W₀)²`` for one weight, saving only references (no model-sized temporaries kept for backward)."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, reference: torch.Tensor, importance: torch.Tensor, lam: float):
+    def forward(ctx, weight, reference, importance, lam: float, bound: float | None):
         ctx.save_for_backward(weight, reference, importance)
-        ctx.lam = lam
-        return lam * (importance * (weight.float() - reference.float()).square()).sum()
+        ctx.lam, ctx.bound = lam, bound
+        delta = weight.float() - reference.to(weight.device, torch.float32)
+        return lam * (_importance_for(weight, importance, bound) * delta.square()).sum()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         weight, reference, importance = ctx.saved_tensors
-        grad = (2.0 * ctx.lam) * grad_output * importance * (weight.float() - reference.float())
-        return grad.to(weight.dtype), None, None, None
+        delta = weight.float() - reference.to(weight.device, torch.float32)
+        grad = (2.0 * ctx.lam) * grad_output * _importance_for(weight, importance, ctx.bound) * delta
+        return grad.to(weight.dtype), None, None, None, None
 
 
 class GeneralImportanceRegularizer:
     """Keeps weights that matter for general text near their pretrained values W₀.
 
-    Holds G (fp32, optionally clamped at `max_importance`) and W₀ (the weight's dtype) for every target weight.
-    At ``W = W₀`` the term and its
-    gradient are zero: it acts once the weights move (``domain_pass="finetune"``) or through the look-ahead
-    gradient of `lookahead_gradient` (``domain_pass="score"``).
+    Holds references to G (not copies: clamping at `max_importance` and casting to float32 happen one matrix at a
+    time) and, with `keep_reference`, a copy of W₀ on `storage_device` (default: the weight's device). At
+    ``W = W₀`` the term and its gradient are zero: it acts once the weights move (``domain_pass="finetune"``, which
+    needs W₀) or through the look-ahead gradient of `lookahead_gradient` (``domain_pass="score"``, which does not).
     """
 
     def __init__(
@@ -41,6 +49,8 @@ class GeneralImportanceRegularizer:
         importance: Mapping[str, torch.Tensor],
         lam: float,
         max_importance: float | None = None,
+        keep_reference: bool = True,
+        storage_device: torch.device | str | None = None,
     ) -> None:
         missing = set(weights) - set(importance)
         if missing:
@@ -48,10 +58,12 @@ class GeneralImportanceRegularizer:
         check_finite_scores({n: importance[n] for n in weights}, "General importance")
         self.weights = weights
         self.lam = float(lam)
-        self.importance = {n: importance[n].to(w.weight.device, torch.float32) for n, w in weights.items()}
-        if max_importance is not None:
-            self.importance = {n: g.clamp(max=max_importance) for n, g in self.importance.items()}
-        self.reference = {n: w.weight.detach().clone() for n, w in weights.items()}
+        self.max_importance = max_importance
+        self.importance = {n: importance[n] for n in weights}
+        self.reference = {
+            n: w.weight.detach().to(storage_device if storage_device is not None else w.weight.device, copy=True)
+            for n, w in weights.items()
+        } if keep_reference else {}
 
     @staticmethod
     def sgd_stable_bound(lam: float, lr: float) -> float | None:
@@ -69,16 +81,21 @@ class GeneralImportanceRegularizer:
         total = torch.zeros((), device=first.device, dtype=torch.float32)
         if self.lam == 0:
             return total
+        if not self.reference:
+            raise RuntimeError("This regularizer keeps no W0 (keep_reference=False): it has no penalty to evaluate.")
         for name, w in self.weights.items():
-            total = total + _WeightPenalty.apply(w.weight, self.reference[name], self.importance[name], self.lam)
+            total = total + _WeightPenalty.apply(
+                w.weight, self.reference[name], self.importance[name], self.lam, self.max_importance
+            )
         return total
 
     def lookahead_gradient(self, name: str, grad: torch.Tensor, lr: float) -> torch.Tensor:
         """Gradient of the full loss at the look-ahead point ``W = W₀ − lr·g``: ``g · (1 − 2·λ·lr·G)``."""
-        return grad.float() * (1.0 - 2.0 * self.lam * lr * self.importance[name])
+        g = _importance_for(grad, self.importance[name], self.max_importance)
+        return grad.float() * (1.0 - 2.0 * self.lam * lr * g)
 
     @torch.no_grad()
     def restore(self) -> None:
-        """Copy W₀ back into the weights."""
-        for name, w in self.weights.items():
-            w.weight.copy_(self.reference[name])
+        """Copy W₀ back into the weights (nothing to do without a kept reference: the weights never moved)."""
+        for name, reference in self.reference.items():
+            self.weights[name].weight.copy_(reference)

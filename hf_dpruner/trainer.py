@@ -20,10 +20,13 @@ from .callbacks import DomainImportanceCallback, KeepMasksCallback
 from .config import DPrunerConfig
 from .data import CausalLMCollator, describe_source, prepare_calibration_dataset
 from .distributed import all_reduce_count, all_reduce_sum_, broadcast_from_main_, shard
-from .importance import DomainImportance, general_scorer, load_importance, save_importance
+from .fingerprint import model_fingerprint, windows_fingerprint
+from .importance import DomainImportance, general_scorer, save_importance
+from .importance.domain import raise_missing_gradients
 from .masks import compute_masks, sparsity_report
 from .modeling import make_pruned
 from .regularizer import GeneralImportanceRegularizer
+from .resume import ResumableDomainPass, last_complete_checkpoint
 from .step_penalty import add_step_penalty
 from .targets import find_prunable_weights
 
@@ -40,7 +43,7 @@ class PruningResult:
     domain_steps: int = 0
 
 
-class DPrunerTrainer(Trainer):
+class DPrunerTrainer(ResumableDomainPass, Trainer):
     """Trainer whose loss adds ``λ · Σ G ⊙ (W − W₀)²`` and whose `prune()` runs D-Pruner end to end.
 
     Args:
@@ -95,14 +98,19 @@ class DPrunerTrainer(Trainer):
         )
         self.general_dataset = general_dataset
         self.prunable = prunable
+        self.fingerprints = {
+            "model": model_fingerprint(model),
+            "general_data": windows_fingerprint(general_dataset),
+            "domain_data": windows_fingerprint(train_dataset),
+        }
         self.general_importance_path = None
         self.general_importance: dict[str, torch.Tensor] | None = None
         if isinstance(general_importance, (str, os.PathLike)):
             self.general_importance_path = Path(general_importance)
             if self.general_importance_path.exists():
-                self.general_importance = load_importance(self.general_importance_path, self.prunable)
+                self.general_importance = self._load_general_cache(self.general_importance_path)
         elif general_importance is not None:
-            self.general_importance = dict(general_importance)
+            self.general_importance = self._store_importance(dict(general_importance))
         self.regularizer: GeneralImportanceRegularizer | None = None
         self.domain_importance: DomainImportance | None = None
         self.add_callback(KeepMasksCallback())
@@ -136,6 +144,19 @@ class DPrunerTrainer(Trainer):
                 f"num_samples to a multiple of {per_step}."
             )
 
+    def _importance_storage(self) -> tuple[torch.dtype, torch.device | None]:
+        """Dtype and device of the importance buffers (None: each weight's own device)."""
+        cfg = self.dpruner_config
+        return getattr(torch, cfg.importance_dtype), (torch.device("cpu") if cfg.offload_importance else None)
+
+    def _store_importance(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`scores` cast to the importance dtype and device in place, one matrix at a time (never two full copies)."""
+        dtype, device = self._importance_storage()
+        for name in list(scores):
+            target = device if device is not None else self.prunable[name].weight.device
+            scores[name] = scores[name].to(target, dtype)
+        return scores
+
     def compute_general_importance(self) -> dict[str, torch.Tensor]:
         """Stage 1: G on the general data (cached to `general_importance` path if one was given)."""
         if self.general_importance is not None:
@@ -145,40 +166,55 @@ class DPrunerTrainer(Trainer):
         cfg = self.dpruner_config
         scorer = general_scorer(cfg.general_estimator, cfg.damping)
         batches = self._calibration_batches(self.general_dataset)
-        self.general_importance = scorer.score(self.model, self.prunable, batches, disable_tqdm=self.args.disable_tqdm)
+        scores = scorer.score(self.model, self.prunable, batches, disable_tqdm=self.args.disable_tqdm)
+        self.general_importance = self._store_importance(scores)
         if self.general_importance_path is not None and self.args.should_save:
             save_importance(
                 self.general_importance,
                 self.general_importance_path,
                 {"estimator": cfg.general_estimator, "num_samples": len(self.general_dataset), "seq_len": cfg.seq_len},
+                self.general_fingerprint(),
             )
         return self.general_importance
 
-    def compute_domain_importance(self) -> dict[str, torch.Tensor]:
-        """Stage 2: S from the gradients of the regularized loss on the domain data."""
+    def compute_domain_importance(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, torch.Tensor]:
+        """Stage 2: S from the gradients of the regularized loss on the domain data.
+
+        `resume_from_checkpoint` (the ``finetune`` pass only): a checkpoint folder written during an earlier run of
+        the same pass, or True for the newest complete one in ``args.output_dir``; S and its step count are restored
+        with the Trainer's state, and the run's fingerprint must match the checkpoint's."""
         if self.train_dataset is None:
             raise ValueError("Stage 2 needs domain text: pass `train_dataset=` (the domain calibration data).")
         cfg = self.dpruner_config
+        finetune = cfg.domain_pass == "finetune"
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No complete domain-pass checkpoint in {self.args.output_dir} to resume from.")
+        if resume_from_checkpoint and not finetune:
+            raise ValueError("The 'score' domain pass writes no checkpoints; resume_from_checkpoint needs 'finetune'.")
         bound = None
-        if cfg.domain_pass == "finetune" and cfg.clamp_general_importance:
+        if finetune and cfg.clamp_general_importance:
             bound = GeneralImportanceRegularizer.sgd_stable_bound(cfg.regularization_lambda, self.args.learning_rate)
+        dtype, device = self._importance_storage()
         self.regularizer = GeneralImportanceRegularizer(
-            self.prunable, self.compute_general_importance(), cfg.regularization_lambda, bound
+            self.prunable, self.compute_general_importance(), cfg.regularization_lambda, bound,
+            keep_reference=finetune, storage_device=device,
         )
         self._check_even_domain_shards()
-        self.domain_importance = DomainImportance(self.prunable, cfg.domain_score)
-        if cfg.domain_pass == "finetune" and cfg.apply_masks_to == "original":
+        self.domain_importance = DomainImportance(self.prunable, cfg.domain_score, dtype, device, self.args.seed)
+        if finetune and cfg.apply_masks_to == "original":
             # the fine-tune moves every trainable parameter; the targets' W0 is already held by the regularizer
             self._other_reference = {
-                name: p.detach().clone()
+                name: p.detach().to(device if device is not None else p.device, copy=True)
                 for name, p in self.model.named_parameters()
                 if p.requires_grad and name not in self.prunable
             }
-        if cfg.domain_pass == "finetune":
+        if finetune:
             callback = DomainImportanceCallback(self.domain_importance)
             self.add_callback(callback)
             try:
-                self.train()
+                self.train(resume_from_checkpoint=resume_from_checkpoint or None)
             finally:
                 self.remove_callback(callback)
         else:
@@ -188,23 +224,49 @@ class DPrunerTrainer(Trainer):
     def _score_domain(self) -> None:
         """Score-only pass: gradients at W₀, refined with the regularizer's look-ahead gradient.
 
-        The model is not wrapped for data parallelism here: each process scores its share of the batches and the
-        per-batch terms are summed over processes at the end."""
-        model = self.model
+        Each target's gradient is folded into S by a hook as soon as backward has produced it, then freed, and the
+        other parameters are frozen for the pass: no model-sized gradient buffer ever exists. The model is not
+        wrapped for data parallelism here: each process scores its share of the batches and S is summed over
+        processes at the end."""
+        model, lr = self.model, self.args.learning_rate
+        importance, regularizer = self.domain_importance, self.regularizer
+        names = {id(w.weight): name for name, w in self.prunable.items()}
+        seen: set[str] = set()
+
+        scaler = getattr(self.accelerator, "scaler", None)  # fp16: backward yields loss-scaled gradients
+
+        def fold_gradient(param: torch.Tensor) -> None:
+            name = names[id(param)]
+            grad = param.grad if scaler is None else param.grad.float() / scaler.get_scale()
+            importance.add(name, regularizer.lookahead_gradient(name, grad, lr))
+            param.grad = None
+            seen.add(name)
+
+        frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in names]
+        no_grad = [name for name, w in self.prunable.items() if not w.weight.requires_grad]
+        if no_grad:
+            raise_missing_gradients(no_grad)
+        hooks = [w.weight.register_post_accumulate_grad_hook(fold_gradient) for w in self.prunable.values()]
         model.eval()
-        lr = self.args.learning_rate
-        for batch in tqdm(self.get_train_dataloader(), desc="domain importance", disable=self.args.disable_tqdm):
+        try:
+            for p in frozen:
+                p.requires_grad_(False)
             model.zero_grad(set_to_none=True)
-            with self.compute_loss_context_manager():
-                loss = super().compute_loss(model, self._prepare_inputs(batch))
-            self.accelerator.backward(loss)
-            grads = {
-                name: self.regularizer.lookahead_gradient(name, w.weight.grad, lr) for name, w in self.prunable.items()
-            }
-            self.domain_importance.update(grads)
-        model.zero_grad(set_to_none=True)
-        all_reduce_sum_(list(self.domain_importance.scores.values()))
-        self.domain_importance.num_updates = all_reduce_count(self.domain_importance.num_updates, self.args.device)
+            for batch in tqdm(self.get_train_dataloader(), desc="domain importance", disable=self.args.disable_tqdm):
+                seen.clear()
+                with self.compute_loss_context_manager():
+                    loss = super().compute_loss(model, self._prepare_inputs(batch))
+                self.accelerator.backward(loss)
+                if len(seen) < len(names):
+                    raise_missing_gradients(sorted(set(self.prunable) - seen))
+                importance.num_updates += 1
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for p in frozen:
+                p.requires_grad_(True)
+        all_reduce_sum_(list(importance.scores.values()))
+        importance.num_updates = all_reduce_count(importance.num_updates, self.args.device)
 
     @torch.no_grad()
     def _restore_original_weights(self) -> None:
@@ -214,15 +276,19 @@ class DPrunerTrainer(Trainer):
             params[name].copy_(value)
         self._other_reference = {}
 
-    def prune(self) -> PruningResult:
-        """Run general importance -> regularized domain pass -> masks, and make `self.model` a pruned model."""
+    def prune(self, resume_from_checkpoint: str | bool | None = None) -> PruningResult:
+        """Run general importance -> regularized domain pass -> masks, and make `self.model` a pruned model.
+
+        `resume_from_checkpoint` continues an interrupted ``finetune`` domain pass (see
+        `compute_domain_importance`); with a `general_importance` cache path, stage 1 is not recomputed either."""
         cfg = self.dpruner_config
+        self._check_even_domain_shards()  # before stage 1, so that a bad split costs nothing
         seconds: dict[str, float] = {}
         start = time.perf_counter()
         self.compute_general_importance()
         seconds["general_importance"] = time.perf_counter() - start
         start = time.perf_counter()
-        scores = self.compute_domain_importance()
+        scores = self.compute_domain_importance(resume_from_checkpoint)
         seconds["domain_importance"] = time.perf_counter() - start
         start = time.perf_counter()
         masks = compute_masks(scores, self.prunable, cfg, disable_tqdm=self.args.disable_tqdm)

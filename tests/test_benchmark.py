@@ -47,7 +47,10 @@ def test_quick_benchmark_writes_results(tmp_path):
     runs = {r["method"]: r for r in results["runs"]}
     assert set(runs) == {"dense", "magnitude", "wanda", "sparsegpt", "dpruner", "dpruner-cached"}
     assert runs["dense"]["domain_ppl"] < runs["sparsegpt"]["domain_ppl"] < runs["magnitude"]["domain_ppl"]
-    assert runs["dpruner-cached"]["prune_seconds"] < runs["dpruner"]["prune_seconds"]
+    # the cached run reads G instead of computing it, and prunes to the same model
+    general_seconds = [runs[m]["stage_seconds"]["general_importance"] for m in ("dpruner-cached", "dpruner")]
+    assert general_seconds[0] < 0.1 * general_seconds[1]
+    assert runs["dpruner-cached"]["domain_ppl"] == runs["dpruner"]["domain_ppl"]
     assert "| medical | 0.5 | wanda |" in (tmp_path / "quick.md").read_text()
     assert (tmp_path / "quick_domain_vs_general.png").stat().st_size > 10_000
 

@@ -62,3 +62,14 @@ def test_shard_gives_each_rank_every_nth_batch_and_refuses_too_few(monkeypatch):
     assert distributed.shard(list(range(7))) == [1, 4]
     with pytest.raises(ValueError, match="2 calibration batches cannot be shared by 3 processes"):
         distributed.shard([0, 1])
+
+
+def test_an_uneven_domain_split_is_refused_before_the_general_stage(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+    from test_trainer import make_trainer
+
+    trainer = make_trainer(tmp_path)  # 8 domain windows in batches of 2
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 3))
+    with pytest.raises(ValueError, match="8 domain windows do not split evenly into batches of 2 on 3 processes"):
+        trainer.prune()
+    assert trainer.general_importance is None  # nothing was computed first

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
@@ -16,7 +18,11 @@ from ..corpora import DOMAIN_CORPORA, GENERAL_CORPUS
 from ..data import load_texts
 from ..resources import DEFAULT_MODEL_NAME, default_model_path
 from ..methods import CALIBRATION_CHOICES, METHODS, prune_model
+from ..resume import last_complete_checkpoint
 from ..trainer import PruningResult
+
+RUN_SUFFIX = ".dpruner-run"
+GENERAL_IMPORTANCE_NAME = "general_importance.safetensors"
 
 
 @dataclass
@@ -55,7 +61,8 @@ class PruneArguments:
 
 @dataclass
 class PruneTrainingArguments(TrainingArguments):
-    """TrainingArguments with the defaults of D-Pruner's domain pass (SGD, one epoch, nothing saved mid-way)."""
+    """TrainingArguments with the defaults of D-Pruner's domain pass (SGD, one epoch, a checkpoint every quarter of
+    it so that a killed run resumes)."""
 
     output_dir: str | None = field(default=None, metadata={"help": "Where the pruned checkpoint is written."})
     optim: str = field(default="sgd", metadata={"help": "Optimizer of the domain pass (the paper used SGD)."})
@@ -66,7 +73,16 @@ class PruneTrainingArguments(TrainingArguments):
         default=4, metadata={"help": "Micro-batches per optimizer step (4 x 1 keeps activation memory low)."}
     )
     lr_scheduler_type: str = field(default="constant", metadata={"help": "Learning-rate schedule."})
-    save_strategy: str = field(default="no", metadata={"help": "Checkpointing during the domain pass."})
+    save_strategy: str = field(
+        default="steps",
+        metadata={"help": "Checkpointing during the domain pass (into <output-dir>.dpruner-run, deleted on success)."},
+    )
+    save_steps: float = field(
+        default=0.25, metadata={"help": "Checkpoint every N steps (a fraction < 1: of the pass's steps)."}
+    )
+    save_total_limit: int | None = field(
+        default=2, metadata={"help": "Checkpoints kept (2: the newest complete one survives a kill while saving)."}
+    )
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
 
 
@@ -97,8 +113,25 @@ def summary_table(result: PruningResult, peak_rss_mib: float) -> str:
     return "\n".join(f"{left:<{width}}  {right}" for left, right in rows)
 
 
+def run_folder(output_dir: str | os.PathLike) -> Path:
+    """Where a D-Pruner run keeps its stage outputs (general importance, domain-pass checkpoints) until it ends."""
+    output_dir = Path(output_dir)
+    return output_dir.with_name(output_dir.name + RUN_SUFFIX)
+
+
 def main(argv: list[str]) -> int:
     config, prune_args, training_args = parse(argv)
+    output_dir = training_args.output_dir
+    general_importance, resume = prune_args.general_importance, None
+    if prune_args.method == "dpruner":  # stage outputs go to a run folder: a rerun of the command resumes
+        run_dir = run_folder(output_dir)
+        training_args.output_dir = str(run_dir)
+        general_importance = general_importance or str(run_dir / GENERAL_IMPORTANCE_NAME)
+        resume = last_complete_checkpoint(run_dir)
+        if Path(general_importance).is_file() or resume:
+            print(f"resuming from {run_dir}: general importance "
+                  f"{'cached' if Path(general_importance).is_file() else 'to compute'}, domain pass "
+                  f"{'from ' + Path(resume).name if resume else 'from the start'}", file=sys.stderr)
     model_path = prune_args.model or str(default_model_path())
     print(f"model: {model_path if prune_args.model else DEFAULT_MODEL_NAME}", file=sys.stderr)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(prune_args.dtype)
@@ -120,17 +153,20 @@ def main(argv: list[str]) -> int:
         general_texts=load_texts(general_source) if needs_general else None,
         domain_texts=load_texts(domain_source),
         calibration=prune_args.calibration,
-        general_importance=prune_args.general_importance,
+        general_importance=general_importance,
+        resume_from_checkpoint=resume,
     )
     model.pruning_record["base_model"] = prune_args.model or DEFAULT_MODEL_NAME
     model.pruning_record["calibration"].update(general_data=general_source, domain_data=domain_source)
     if not training_args.should_save:  # under several processes only the main one writes
         return 0
     save_start = time.perf_counter()
-    model.save_pretrained(training_args.output_dir)
-    tokenizer.save_pretrained(training_args.output_dir)
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
     result.stage_seconds["save"] = time.perf_counter() - save_start
+    if prune_args.method == "dpruner":
+        shutil.rmtree(run_folder(output_dir), ignore_errors=True)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(summary_table(result, peak_mib))
-    print(f"saved: {training_args.output_dir}")
+    print(f"saved: {output_dir}")
     return 0

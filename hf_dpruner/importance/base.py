@@ -33,15 +33,42 @@ class ImportanceScorer(ABC):
         """Return an fp32 score tensor shaped like each weight; higher means more important."""
 
 
-def save_importance(scores: Mapping[str, torch.Tensor], path: str | Path, description: Mapping | None = None) -> None:
-    """Write scores to a safetensors file (atomically), with a JSON `description` in the metadata."""
+def save_importance(
+    scores: Mapping[str, torch.Tensor],
+    path: str | Path,
+    description: Mapping | None = None,
+    fingerprint: Mapping | None = None,
+) -> None:
+    """Write scores (in their dtype) to a safetensors file atomically, with a JSON `description` and, to refuse a
+    stale cache later, the `fingerprint` of what they were computed from in the metadata."""
     path = Path(path)
     check_finite_scores(scores, f"Not caching importance to {path}", f"recompute them {_FLOAT16_NOTE}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tensors = {name: score.detach().to("cpu", torch.float32).contiguous() for name, score in scores.items()}
-    save_file(tensors, str(tmp), metadata={"description": json.dumps(dict(description or {}), sort_keys=True)})
+    tensors = {name: score.detach().to("cpu").contiguous() for name, score in scores.items()}  # in their dtype
+    metadata = {"description": json.dumps(dict(description or {}), sort_keys=True)}
+    if fingerprint is not None:
+        metadata["fingerprint"] = json.dumps(dict(fingerprint), sort_keys=True)
+    save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)
+
+
+def importance_fingerprint(path: str | Path) -> dict | None:
+    """The fingerprint stored by `save_importance` in `path`, ``None`` if the file has none."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get("fingerprint")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"Cannot read importance file {path} ({err}); delete it to recompute.") from err
+    if raw is None:
+        return None
+    try:
+        fingerprint = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"Importance file {path} has a corrupt fingerprint ({err}); delete it to recompute.") from err
+    if not isinstance(fingerprint, dict):
+        raise ValueError(f"Importance file {path} has a corrupt fingerprint; delete it to recompute.")
+    return fingerprint
 
 
 def load_importance(path: str | Path, weights: Mapping[str, PrunableWeight] | None = None) -> dict[str, torch.Tensor]:
