@@ -326,3 +326,25 @@ def read_json_object(file: Path, missing_hint: str, remedy: str) -> dict[str, An
         raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}.")
     return data
 
+
+def recorded_source(value: Any, folder: str | os.PathLike, key: str, flag: str) -> str | None:
+    """A model or data reference that a checkpoint's own JSON names (`key`), safe to follow without asking.
+
+    Names (a bundled corpus, a Hub or `datasets` id) pass through, and so do local paths inside the checkpoint
+    `folder`. A local path elsewhere (absolute, with ``..``, or existing relative to the working directory) is
+    refused: a downloaded checkpoint must not make us read arbitrary files. The user can name it with `flag`."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{key} in {folder} must be a non-empty string, got {value!r}.")
+    path = Path(value)
+    if not (path.is_absolute() or ".." in path.parts or path.exists()):
+        return value
+    root = Path(folder).resolve()
+    resolved = path.resolve()
+    if resolved == root or root in resolved.parents:
+        return str(resolved)
+    raise ValueError(
+        f"The checkpoint {folder} names {key} {value!r}, a local path outside its folder; files outside a "
+        f"checkpoint are read only when you name them yourself: pass {flag} {value} to use it."
+    )

@@ -103,11 +103,15 @@ def test_cli_eval_compares_pruned_and_dense(tiny_model_dir, tmp_path, capsys):
           "--domain-data", str(tmp_path / "domain.txt"), "--num-samples", "4", "--seq-len", "16",
           "--output-dir", str(out), "--disable-tqdm", "true"])
     capsys.readouterr()
-    assert main(["eval", str(out), "--baseline-model", str(tiny_model_dir), "--general-data",
-                 str(tmp_path / "general.txt"), "--seq-len", "32"]) == 0
+    eval_args = ["eval", str(out), "--baseline-model", str(tiny_model_dir), "--general-data",
+                 str(tmp_path / "general.txt"), "--seq-len", "32"]
+    # the recorded domain data is a local file outside the checkpoint: read only when the user names it
+    with pytest.raises(ValueError, match=f"pass --domain-data {tmp_path / 'domain.txt'} to use it"):
+        main(eval_args)
+    assert main([*eval_args, "--domain-data", str(tmp_path / "domain.txt")]) == 0
     results = json.loads((out / "eval_results.json").read_text())
     assert set(results["models"]) == {"dense", "pruned"}
-    assert results["settings"]["domain_data"] == str(tmp_path / "domain.txt")  # read from pruning_config.json
+    assert results["settings"]["domain_data"] == str(tmp_path / "domain.txt")
     assert results["settings"]["seq_len"] == 32 and results["settings"]["stride"] == 32
     dense, pruned = results["models"]["dense"], results["models"]["pruned"]
     assert dense["domain"]["num_tokens"] == pruned["domain"]["num_tokens"] > 0

@@ -629,3 +629,28 @@ def test_fuzz_wrong_masks_without_a_checksum_fail_clearly(fuzz_checkpoint, data)
         save_masks(changed, path)
         with pytest.raises(ValueError, match=re.escape(str(path))):
             attach_checkpoint_masks(model, tmp, record, None)
+
+
+# ---- references in a checkpoint's JSON cannot reach outside the checkpoint folder ----
+
+def test_recorded_names_pass_and_local_paths_outside_the_checkpoint_are_refused(tmp_path, monkeypatch):
+    from hf_dpruner.config import recorded_source
+
+    folder = tmp_path / "ckpt"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "d.txt").write_text("x")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not read")
+    (folder / "data" / "link.txt").symlink_to(secret)
+    monkeypatch.chdir(tmp_path)
+    for name in ("medical", "HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-135m-instruct (embedded)"):
+        assert recorded_source(name, folder, "base_model", "--baseline-model") == name
+    assert recorded_source(None, folder, "base_model", "--baseline-model") is None
+    inside = folder / "data" / "d.txt"
+    assert recorded_source(str(inside), folder, "calibration.domain_data", "--domain-data") == str(inside.resolve())
+    assert recorded_source("ckpt/data/d.txt", folder, "calibration.domain_data", "--domain-data") == str(inside)
+    for outside in (str(secret), "secret.txt", "ckpt/../secret.txt", str(folder / "data" / "link.txt"), "/etc"):
+        with pytest.raises(ValueError, match=rf"outside its folder.*pass --domain-data {re.escape(outside)} to use"):
+            recorded_source(outside, folder, "calibration.domain_data", "--domain-data")
+    with pytest.raises(TypeError, match="base_model in .* must be a non-empty string, got 3"):
+        recorded_source(3, folder, "base_model", "--baseline-model")

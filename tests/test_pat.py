@@ -214,10 +214,17 @@ def test_cli_pat_exports_a_smaller_model(tiny_model_dir, tmp_path, capsys):  # n
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert loaded.config.hidden_size == 32 and (out / "tokenizer.json").is_file()
     assert json.loads((out / PAT_CONFIG_NAME).read_text())["training"]["data"] == str(tmp_path / "train.txt")
-    # `hf-dpruner eval` finds the base model and the training data in pat_config.json
+    # `hf-dpruner eval` reads the base model and the training data from pat_config.json, but local paths outside
+    # the export only when the user names them
     (tmp_path / "general.txt").write_text(text(99, 400))
-    assert main(["eval", str(out), "--general-data", str(tmp_path / "general.txt"), "--seq-len", "16",
-                 "--max-tokens", "64"]) == 0
+    eval_args = ["eval", str(out), "--general-data", str(tmp_path / "general.txt"), "--seq-len", "16",
+                 "--max-tokens", "64"]
+    with pytest.raises(ValueError, match="names calibration.domain_data .*pass --domain-data"):
+        main(eval_args)
+    with pytest.raises(ValueError, match=f"names base_model .*pass --baseline-model {tiny_model_dir}"):
+        main([*eval_args, "--domain-data", str(tmp_path / "train.txt")])
+    assert main([*eval_args, "--domain-data", str(tmp_path / "train.txt"), "--baseline-model",
+                 str(tiny_model_dir)]) == 0
     results = json.loads((out / "eval_results.json").read_text())
     assert results["models"]["dense"]["path"] == str(tiny_model_dir)
     assert results["settings"]["domain_data"] == str(tmp_path / "train.txt")

@@ -216,7 +216,9 @@ def test_cli_recover_writes_a_sparse_merged_checkpoint_and_the_adapter(tiny_mode
              "--search-steps", "2", "--search-initial", "3", "--search-rounds", "1", "--search-eval-samples", "2",
              "--eval-data", str(tmp_path / "general.txt"), "--max-steps", "3", "--per-device-train-batch-size", "2",
              "--disable-tqdm", "true", "--output-dir", str(out)]
-    assert cli_main(["recover", str(pruned_dir), *flags]) == 0
+    with pytest.raises(ValueError, match="outside its folder.*pass --data"):  # the recorded domain file
+        cli_main(["recover", str(pruned_dir), *flags])
+    assert cli_main(["recover", str(pruned_dir), *flags, "--data", str(tmp_path / "domain.txt")]) == 0
     before = AutoPrunedModelForCausalLM.from_pretrained(pruned_dir)
     after = AutoPrunedModelForCausalLM.from_pretrained(out)
     assert all(torch.equal(before.pruning_masks[n], after.pruning_masks[n]) for n in before.pruning_masks)

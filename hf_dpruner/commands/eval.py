@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ..config import read_pruning_record
+from ..config import read_pruning_record, recorded_source
 from ..corpora import DOMAIN_CORPORA, GENERAL_CORPUS
 from ..data import load_texts
 from ..evaluation import perplexity
@@ -20,8 +20,8 @@ from ..pat.config import PAT_CONFIG_NAME, read_pat_record
 from ..resources import DEFAULT_MODEL_NAME, default_model_path
 
 
-def _base_model(record: dict) -> str | None:
-    base = record.get("base_model")
+def _base_model(record: dict, model_dir: Path) -> str | None:
+    base = recorded_source(record.get("base_model"), model_dir, "base_model", "--baseline-model")
     return str(default_model_path()) if base == DEFAULT_MODEL_NAME else base
 
 
@@ -80,12 +80,14 @@ def main(argv: list[str]) -> int:
     model_dir = Path(args.model)
     pruned_checkpoint = (model_dir / "pruning_config.json").is_file()
     record = read_pruning_record(model_dir) if pruned_checkpoint else _pat_record(model_dir)
-    domain = args.domain_data or record.get("calibration", {}).get("domain_data") or DOMAIN_CORPORA["medical"]
+    domain = args.domain_data or recorded_source(
+        (record.get("calibration") or {}).get("domain_data"), model_dir, "calibration.domain_data", "--domain-data"
+    ) or DOMAIN_CORPORA["medical"]
     texts = {} if args.no_perplexity else {"general": load_texts(args.general_data, split=args.split),
                                            "domain": load_texts(domain, split=args.split)}
     models = {"pruned": args.model}
     if not args.no_baseline:
-        baseline = args.baseline_model or _base_model(record)
+        baseline = args.baseline_model or _base_model(record, model_dir)
         if baseline is None:
             parser.error("No base model recorded in the checkpoint: pass --baseline-model or --no-baseline.")
         models = {"dense": baseline, **models}

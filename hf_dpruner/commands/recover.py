@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
 
-from ..config import read_pruning_record
+from ..config import read_pruning_record, recorded_source
 from ..corpora import CORPORA
 from ..data import load_texts
 from ..modeling import AutoPrunedModelForCausalLM
@@ -58,7 +58,9 @@ def main(argv: list[str]) -> int:
     if not training_args.output_dir:
         parser.error("--output-dir is required.")
     record = read_pruning_record(pruned_dir)
-    data = data_args.data or (record.get("calibration") or {}).get("domain_data")
+    data = data_args.data or recorded_source(
+        (record.get("calibration") or {}).get("domain_data"), pruned_dir, "calibration.domain_data", "--data"
+    )
     if data is None:
         parser.error("the checkpoint records no domain data: pass --data.")
     eval_data = data_args.eval_data or (data if data in CORPORA else None)
