@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from huggingface_hub import CommitInfo
 
@@ -320,13 +321,25 @@ class AutoPrunedModelForCausalLM:
         folder = local_checkpoint(pretrained_model_name_or_path, **hub_kwargs)
         masks_file, config_file = folder / MASKS_NAME, folder / PRUNING_CONFIG_NAME
         if not masks_file.is_file():
+            if config_file.is_file():  # the checkpoint was saved by hf_dpruner but did not arrive whole
+                raise FileNotFoundError(
+                    f"{folder} has {PRUNING_CONFIG_NAME} but no {MASKS_NAME}: the checkpoint is incomplete (an "
+                    "interrupted download or copy?). Download or copy it again."
+                )
             raise FileNotFoundError(
                 f"{pretrained_model_name_or_path} has no {MASKS_NAME}: it was not saved by hf_dpruner. Load it with "
                 "AutoModelForCausalLM, or prune it first."
             )
         data = read_pruning_record(config_file) if config_file.is_file() else {}
         config = config_from_record(data, config_file)  # before the weights load: a bad file fails fast
-        model = AutoModelForCausalLM.from_pretrained(folder, *args, **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, *args, **kwargs)
+        except SafetensorError as err:
+            weights = sorted(p.name for p in folder.glob("model*.safetensors")) or ["model.safetensors"]
+            raise ValueError(
+                f"The weights of {folder} ({', '.join(weights)}) cannot be read: {err}. The file is corrupt or "
+                "truncated (an interrupted download or copy?); download or copy the checkpoint again."
+            ) from err
         model.config._name_or_path = str(pretrained_model_name_or_path)  # the repo id, as transformers records it
         return attach_checkpoint_masks(model, folder, data, config)
 

@@ -654,3 +654,23 @@ def test_recorded_names_pass_and_local_paths_outside_the_checkpoint_are_refused(
             recorded_source(outside, folder, "calibration.domain_data", "--domain-data")
     with pytest.raises(TypeError, match="base_model in .* must be a non-empty string, got 3"):
         recorded_source(3, folder, "base_model", "--baseline-model")
+
+
+# ---- an interrupted download or copy ----
+
+def test_truncated_weights_are_a_value_error_naming_the_file(ckpt):
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=rf"The weights of {re.escape(str(ckpt))} \(model.safetensors\) cannot be "
+                                         r"read: .*corrupt or truncated \(an interrupted download or copy\?\)"):
+        AutoPrunedModelForCausalLM.from_pretrained(ckpt)
+
+
+def test_a_checkpoint_that_lost_its_mask_file_is_called_incomplete(ckpt):
+    (ckpt / MASKS_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=f"has {PRUNING_CONFIG_NAME} but no {MASKS_NAME}: the checkpoint is "
+                                                "incomplete"):
+        AutoPrunedModelForCausalLM.from_pretrained(ckpt)
+    (ckpt / PRUNING_CONFIG_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match="it was not saved by hf_dpruner"):
+        AutoPrunedModelForCausalLM.from_pretrained(ckpt)
