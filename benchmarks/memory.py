@@ -154,7 +154,7 @@ def worker(variant: str, quick: bool) -> dict[str, Any]:
             trainer.compute_domain_importance()
         result["holders_after_domain_mib"] = holders(trainer)
         with sampler.stage("masks"):  # prune() reuses G; its domain stage is stubbed to return the scores above
-            trainer.compute_domain_importance = lambda: trainer.domain_importance.scores
+            trainer.compute_domain_importance = lambda *_: trainer.domain_importance.scores
             trainer.prune()
         with sampler.stage("save"):
             trainer.model.save_pretrained(folder)

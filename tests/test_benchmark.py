@@ -114,3 +114,26 @@ def test_quick_pat_benchmark_writes_results(tmp_path):
     assert all(r["tokens_per_s_batch8"] > 0 and r["domain_ppl"] > 1 for r in runs.values())
     assert "PAT tokens/s at batch 1" in (tmp_path / "pat-quick.md").read_text()
     assert (tmp_path / "pat-quick.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_quick_memory_benchmark_measures_every_stage_and_the_held_buffers(tmp_path):
+    script = SCRIPT.with_name("memory.py")
+    done = subprocess.run([sys.executable, str(script), "--quick", "--variants", "default", "score-pass-bf16",
+                           "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "memory-quick.json").read_text())
+    runs = {r["variant"]: r for r in results["runs"]}
+    assert set(runs) == {"default", "score-pass-bf16"} and results["activations_mib"] > 0
+    for run in runs.values():
+        assert list(run["stages"]) == ["load", "general_importance", "domain_importance", "masks", "save"]
+        assert run["run_peak_mib"] >= run["baseline_mib"] > 0
+    default, lean = runs["default"]["holders_after_domain_mib"], runs["score-pass-bf16"]["holders_after_domain_mib"]
+    targets = default["S (domain scores)"]
+    assert targets > 0 and default["W0 (regularizer.reference)"] == targets  # fp32, one buffer per target weight
+    assert lean["S (domain scores)"] == pytest.approx(targets / 2, abs=0.15)  # bfloat16
+    assert lean["G (trainer.general_importance)"] == pytest.approx(targets / 2, abs=0.15)
+    assert lean["W0 (regularizer.reference)"] == 0  # the score pass never moves the weights
+    assert default["G in the regularizer (beyond the shared G)"] == 0  # shared, not copied
+    assert "Goal (whole run <= 3x model size + activations" in (tmp_path / "memory-quick.md").read_text()
+    assert (tmp_path / "memory-quick.png").stat().st_size > 10_000
