@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -64,6 +65,8 @@ class GeneralImportanceRegularizer:
             n: w.weight.detach().to(storage_device if storage_device is not None else w.weight.device, copy=True)
             for n, w in weights.items()
         } if keep_reference else {}
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._added: set[str] = set()
 
     @staticmethod
     def sgd_stable_bound(lam: float, lr: float) -> float | None:
@@ -88,6 +91,39 @@ class GeneralImportanceRegularizer:
                 w.weight, self.reference[name], self.importance[name], self.lam, self.max_importance
             )
         return total
+
+    @torch.no_grad()
+    def value(self) -> torch.Tensor:
+        """The penalty as a number (no autograd graph)."""
+        return self()
+
+    def arm_gradient(self, scale: float = 1.0) -> None:
+        """Add ``scale · 2λ·G·(W − W₀)`` to each target weight's gradient in the next backward pass, inside the
+        weight's own gradient as it arrives (a tensor hook, so DDP reduces the sum and no model-sized buffer of
+        penalty gradients waits for the LM gradients, as it would with the penalty in the loss's graph).
+        `scale` is the loss scale of fp16 mixed precision (1 otherwise); `disarm()` removes the hooks."""
+        self.disarm()
+        if self.lam == 0:
+            return
+        if not self.reference:
+            raise RuntimeError("This regularizer keeps no W0 (keep_reference=False): it has no gradient to add.")
+        for name, w in self.weights.items():
+            self._hooks.append(w.weight.register_hook(functools.partial(self._add_gradient, name, scale)))
+
+    def _add_gradient(self, name: str, scale: float, grad: torch.Tensor) -> torch.Tensor:
+        if name in self._added:  # once per armed backward, also when a checkpointed block reports twice
+            return grad
+        self._added.add(name)
+        weight = self.weights[name].weight.detach()
+        delta = weight.float() - self.reference[name].to(weight.device, torch.float32)
+        penalty = (2.0 * self.lam * scale) * _importance_for(weight, self.importance[name], self.max_importance)
+        return grad + (penalty * delta).to(grad.dtype)
+
+    def disarm(self) -> None:
+        """Remove the gradient hooks of `arm_gradient`."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self._added = [], set()
 
     def lookahead_gradient(self, name: str, grad: torch.Tensor, lr: float) -> torch.Tensor:
         """Gradient of the full loss at the look-ahead point ``W = W₀ − lr·g``: ``g · (1 − 2·λ·lr·G)``."""

@@ -119,12 +119,25 @@ class DPrunerTrainer(ResumableDomainPass, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """LM loss plus the general-importance regularizer, counted once per optimizer step (see
-        `add_step_penalty`)."""
+        `add_step_penalty`). The penalty enters the loss as a value; its gradient ``2λ·G·(W − W₀)`` is added to
+        each weight's gradient as backward produces it (`GeneralImportanceRegularizer.arm_gradient`)."""
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         regularizer = self.regularizer
         if regularizer is not None and regularizer.lam > 0 and model.training:
-            loss = add_step_penalty(self, loss, regularizer, num_items_in_batch)
+            loss = add_step_penalty(self, loss, self._penalty_with_gradient_hooks, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _penalty_with_gradient_hooks(self) -> torch.Tensor:
+        scaler = getattr(self.accelerator, "scaler", None)  # fp16: the LM gradients arrive loss-scaled
+        self.regularizer.arm_gradient(scaler.get_scale() if scaler is not None else 1.0)
+        return self.regularizer.value()
+
+    def training_step(self, *args, **kwargs):
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:
+            if self.regularizer is not None:
+                self.regularizer.disarm()
 
     # ---- the three stages ----
 

@@ -207,3 +207,38 @@ def test_score_pass_unscales_fp16_loss_scaled_gradients(tmp_path, monkeypatch):
     scaled = trainer.compute_domain_importance()
     for name, score in plain.items():
         torch.testing.assert_close(scaled[name], score, rtol=1e-5, atol=1e-12)
+
+
+def test_penalty_gradient_added_in_hooks_trains_like_the_penalty_in_the_loss_graph(tmp_path):
+    """The finetune pass adds 2λG(W − W0) inside each weight's gradient; putting the differentiable penalty in the
+    loss (which holds every penalty gradient until the LM gradients arrive) must train to the same weights."""
+    from hf_dpruner import DPrunerTrainer
+    from hf_dpruner.step_penalty import add_step_penalty
+    from test_trainer import tiny_llama, training_args, windows
+
+    class PenaltyInGraph(DPrunerTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super(DPrunerTrainer, self).compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            return add_step_penalty(self, loss, self.regularizer, num_items_in_batch)
+
+    config = DPrunerConfig(regularization_lambda=50.0, apply_masks_to="tuned")
+    weights = {}
+    for cls in (DPrunerTrainer, PenaltyInGraph):
+        args = training_args(tmp_path, gradient_accumulation_steps=2, per_device_train_batch_size=1,
+                             num_train_epochs=3, max_grad_norm=0.0)
+        trainer = cls(model=tiny_llama(), args=args, dpruner_config=config,
+                      train_dataset=windows(8, low=0, high=64, seed=1), general_dataset=windows(8, seed=2))
+        trainer.compute_domain_importance()
+        weights[cls] = {n: w.weight.detach().clone() for n, w in trainer.prunable.items()}
+        assert trainer.regularizer._hooks == []  # disarmed after every step
+    moved = 0
+    for name, w in weights[DPrunerTrainer].items():
+        torch.testing.assert_close(w, weights[PenaltyInGraph][name], rtol=1e-5, atol=1e-7)
+    no_penalty = DPrunerTrainer(model=tiny_llama(), args=training_args(tmp_path, gradient_accumulation_steps=2,
+                                per_device_train_batch_size=1, num_train_epochs=3, max_grad_norm=0.0),
+                                dpruner_config=DPrunerConfig(regularization_lambda=0.0, apply_masks_to="tuned"),
+                                train_dataset=windows(8, low=0, high=64, seed=1), general_dataset=windows(8, seed=2))
+    no_penalty.compute_domain_importance()
+    for name, w in no_penalty.prunable.items():
+        moved += not torch.allclose(w.weight, weights[DPrunerTrainer][name], rtol=1e-5, atol=1e-7)
+    assert moved == len(weights[DPrunerTrainer])  # the penalty changed every weight's path

@@ -115,7 +115,7 @@ def summary_table(result: PruningResult, peak_rss_mib: float) -> str:
 
 def run_folder(output_dir: str | os.PathLike) -> Path:
     """Where a D-Pruner run keeps its stage outputs (general importance, domain-pass checkpoints) until it ends."""
-    output_dir = Path(output_dir)
+    output_dir = Path(output_dir).resolve()
     return output_dir.with_name(output_dir.name + RUN_SUFFIX)
 
 
