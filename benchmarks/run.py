@@ -72,7 +72,8 @@ def run_single(spec: dict) -> dict:
                          max_tokens=spec["eval_tokens"], disable_tqdm=True)["perplexity"]
         for name, corpus in (("domain", spec["domain"]), ("general", "general"))
     }
-    return {**spec, "domain_ppl": ppl["domain"], "general_ppl": ppl["general"], "prune_seconds": seconds,
+    kept = {k: v for k, v in spec.items() if k != "general_importance"}  # a temporary path of this machine
+    return {**kept, "domain_ppl": ppl["domain"], "general_ppl": ppl["general"], "prune_seconds": seconds,
             "stage_seconds": stages, "peak_rss_mib": peak_mib}
 
 
