@@ -17,6 +17,16 @@ def _importance_for(weight: torch.Tensor, importance: torch.Tensor, bound: float
     return g.clamp(max=bound) if bound is not None else g
 
 
+def _delta(weight: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``W − W₀`` in float32 on the weight's device."""
+    return weight.detach().float() - reference.to(weight.device, torch.float32)
+
+
+def _penalty_gradient(weight, reference, importance, lam: float, bound: float | None) -> torch.Tensor:
+    """``2λ·G·(W − W₀)``, the gradient of the penalty of one weight, in float32."""
+    return (2.0 * lam) * _importance_for(weight, importance, bound) * _delta(weight, reference)
+
+
 class _WeightPenalty(torch.autograd.Function):
     """``λ·Σ G·(W − W₀)²`` for one weight, saving only references (no model-sized temporaries kept for backward)."""
 
@@ -24,14 +34,12 @@ class _WeightPenalty(torch.autograd.Function):
     def forward(ctx, weight, reference, importance, lam: float, bound: float | None):
         ctx.save_for_backward(weight, reference, importance)
         ctx.lam, ctx.bound = lam, bound
-        delta = weight.float() - reference.to(weight.device, torch.float32)
-        return lam * (_importance_for(weight, importance, bound) * delta.square()).sum()
+        return lam * (_importance_for(weight, importance, bound) * _delta(weight, reference).square()).sum()
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         weight, reference, importance = ctx.saved_tensors
-        delta = weight.float() - reference.to(weight.device, torch.float32)
-        grad = (2.0 * ctx.lam) * grad_output * _importance_for(weight, importance, ctx.bound) * delta
+        grad = grad_output * _penalty_gradient(weight, reference, importance, ctx.lam, ctx.bound)
         return grad.to(weight.dtype), None, None, None, None
 
 
@@ -114,10 +122,10 @@ class GeneralImportanceRegularizer:
         if name in self._added:  # once per armed backward, also when a checkpointed block reports twice
             return grad
         self._added.add(name)
-        weight = self.weights[name].weight.detach()
-        delta = weight.float() - self.reference[name].to(weight.device, torch.float32)
-        penalty = (2.0 * self.lam * scale) * _importance_for(weight, self.importance[name], self.max_importance)
-        return grad + (penalty * delta).to(grad.dtype)
+        penalty = _penalty_gradient(
+            self.weights[name].weight, self.reference[name], self.importance[name], self.lam, self.max_importance
+        )
+        return grad + (scale * penalty).to(grad.dtype)
 
     def disarm(self) -> None:
         """Remove the gradient hooks of `arm_gradient`."""

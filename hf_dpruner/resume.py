@@ -98,10 +98,7 @@ class ResumableDomainPass:
                 "mix two runs. Rerun with the original settings, or delete the checkpoint to start over."
             )
         try:
-            self.domain_importance.load_state_dict(
-                {k: v.to(self.domain_importance.scores[k].device) if k in self.domain_importance.scores else v
-                 for k, v in state.items()}
-            )
+            self.domain_importance.load_state_dict(state)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
 

@@ -127,9 +127,13 @@ class DPrunerTrainer(ResumableDomainPass, Trainer):
             loss = add_step_penalty(self, loss, self._penalty_with_gradient_hooks, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
+    def _loss_scale(self) -> float:
+        """The factor that backward's gradients carry: fp16's loss scale, else 1."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        return scaler.get_scale() if scaler is not None else 1.0
+
     def _penalty_with_gradient_hooks(self) -> torch.Tensor:
-        scaler = getattr(self.accelerator, "scaler", None)  # fp16: the LM gradients arrive loss-scaled
-        self.regularizer.arm_gradient(scaler.get_scale() if scaler is not None else 1.0)
+        self.regularizer.arm_gradient(self._loss_scale())  # the LM gradients it joins are loss-scaled too
         return self.regularizer.value()
 
     def training_step(self, *args, **kwargs):
@@ -246,11 +250,10 @@ class DPrunerTrainer(ResumableDomainPass, Trainer):
         names = {id(w.weight): name for name, w in self.prunable.items()}
         seen: set[str] = set()
 
-        scaler = getattr(self.accelerator, "scaler", None)  # fp16: backward yields loss-scaled gradients
-
         def fold_gradient(param: torch.Tensor) -> None:
             name = names[id(param)]
-            grad = param.grad if scaler is None else param.grad.float() / scaler.get_scale()
+            scale = self._loss_scale()
+            grad = param.grad if scale == 1.0 else param.grad.float() / scale
             importance.add(name, regularizer.lookahead_gradient(name, grad, lr))
             param.grad = None
             seen.add(name)

@@ -128,9 +128,9 @@ def main(argv: list[str]) -> int:
         training_args.output_dir = str(run_dir)
         general_importance = general_importance or str(run_dir / GENERAL_IMPORTANCE_NAME)
         resume = last_complete_checkpoint(run_dir)
-        if Path(general_importance).is_file() or resume:
-            print(f"resuming from {run_dir}: general importance "
-                  f"{'cached' if Path(general_importance).is_file() else 'to compute'}, domain pass "
+        cached = Path(general_importance).is_file()
+        if cached or resume:
+            print(f"resuming from {run_dir}: general importance {'cached' if cached else 'to compute'}, domain pass "
                   f"{'from ' + Path(resume).name if resume else 'from the start'}", file=sys.stderr)
     model_path = prune_args.model or str(default_model_path())
     print(f"model: {model_path if prune_args.model else DEFAULT_MODEL_NAME}", file=sys.stderr)

@@ -72,14 +72,13 @@ class DomainImportance:
 
     def update(self, gradients: Mapping[str, torch.Tensor] | None = None) -> None:
         """Add one step's terms for every weight; gradients default to each weight's ``.grad``."""
-        missing = [
-            name for name, w in self.weights.items() if (gradients[name] if gradients is not None else w.weight.grad)
-            is None
-        ]
+        if gradients is None:
+            gradients = {name: w.weight.grad for name, w in self.weights.items()}
+        missing = [name for name in self.weights if gradients[name] is None]
         if missing:
             raise_missing_gradients(missing)
-        for name, w in self.weights.items():
-            self.add(name, gradients[name] if gradients is not None else w.weight.grad)
+        for name in self.weights:
+            self.add(name, gradients[name])
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -98,7 +97,7 @@ class DomainImportance:
                     f"Domain importance state of {name} is {tuple(state[name].shape)} {state[name].dtype}, expected "
                     f"{tuple(score.shape)} {score.dtype}."
                 )
-            score.copy_(state[name])
+            score.copy_(state[name])  # also across devices (a checkpoint is read on the CPU)
         self.num_updates = int(state["__num_updates__"])
 
 
