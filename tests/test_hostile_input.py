@@ -395,26 +395,51 @@ def test_regularizer_refuses_non_finite_general_importance():
 PICKLE_MODULES = ("pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal")
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+WRITERS = {"open", "write_bytes", "write_text", "save", "save_file", "dump", "dumps", "copy", "copy2", "copyfile"}
+
+
+def _pickle_file_name(node: ast.AST) -> str | None:
+    """A string (or the constant tail of an f-string) that names a pickle file, e.g. ``"training_args.bin"``."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Div)):
+        node = node.right
+    if isinstance(node, ast.JoinedStr) and node.values:
+        node = node.values[-1]
+    if isinstance(node, ast.Constant) and isinstance(node.value, str) and not node.value.startswith("*"):
+        return node.value if node.value.endswith(PICKLE_SUFFIXES) else None
+    return None
+
+
 def unsafe_calls(source: str) -> list[str]:
-    """Pickle-based loaders, and ``trust_remote_code`` forced on, in Python source."""
+    """Pickle-based loaders and writers, writes of pickle-named files (``.bin``, ``.pt``...), and
+    ``trust_remote_code`` forced on, in Python source."""
     found = []
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module or ""]
             found += [f"import {m}" for m in modules if m.split(".")[0] in PICKLE_MODULES]
-            if isinstance(node, ast.ImportFrom) and node.module == "torch" and "load" in [a.name for a in node.names]:
-                found.append("from torch import load")
+            if isinstance(node, ast.ImportFrom) and node.module == "torch":
+                found += [f"from torch import {a.name}" for a in node.names if a.name in ("load", "save")]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and _pickle_file_name(node):
+            found.append(f"path / {_pickle_file_name(node)!r}")
         if not isinstance(node, ast.Call):
             continue
         keywords = {kw.arg: kw.value for kw in node.keywords}
         callee = ast.unparse(node.func)
         if callee == "torch.load" and not _is_constant(keywords.get("weights_only"), True):
             found.append(f"{callee} without weights_only=True")
+        if callee == "torch.save":
+            found.append("torch.save")
         if callee in ("np.load", "numpy.load") and _is_constant(keywords.get("allow_pickle"), True):
             found.append(f"{callee} with allow_pickle=True")
+        if callee in ("np.save", "numpy.save") and not _is_constant(keywords.get("allow_pickle"), False):
+            found.append(f"{callee} without allow_pickle=False")
         if _is_constant(keywords.get("trust_remote_code"), True):
             found.append(f"{callee}(trust_remote_code=True)")
-    return found
+        if callee.rsplit(".", 1)[-1] in WRITERS:
+            names = [_pickle_file_name(arg) for arg in [*node.args, *keywords.values()]]
+            found += [f"{callee}({name!r})" for name in names if name]
+    return sorted(set(found))
 
 
 def _is_constant(node: ast.AST | None, value: object) -> bool:
@@ -424,20 +449,29 @@ def _is_constant(node: ast.AST | None, value: object) -> bool:
 def test_the_scanner_finds_unsafe_calls():
     source = (
         "import pickle\nfrom torch import load\ntorch.load(f)\nnp.load(f, allow_pickle=True)\n"
-        "A.from_pretrained(p, trust_remote_code=True)\n"
+        "A.from_pretrained(p, trust_remote_code=True)\ntorch.save(args, path)\nfrom torch import save\n"
+        "open(folder + '/training_args.bin', 'wb')\n(folder / 'optimizer.pt').write_bytes(b)\n"
+        "save_file(t, f'{name}.pth')\nnp.save(f, a)\n"
     )
-    assert unsafe_calls(source) == [
+    assert unsafe_calls(source) == sorted([
         "import pickle", "from torch import load", "torch.load without weights_only=True",
-        "np.load with allow_pickle=True", "A.from_pretrained(trust_remote_code=True)",
-    ]
-    assert unsafe_calls("torch.load(f, weights_only=True)\nA.from_pretrained(p, trust_remote_code=args.trust)\n") == []
+        "np.load with allow_pickle=True", "A.from_pretrained(trust_remote_code=True)", "torch.save",
+        "from torch import save", "open('/training_args.bin')", "path / 'optimizer.pt'", "save_file('.pth')",
+        "np.save without allow_pickle=False",
+    ])
+    assert unsafe_calls(
+        "torch.load(f, weights_only=True)\nA.from_pretrained(p, trust_remote_code=args.trust)\n"
+        "IGNORE = ['*.bin', '*.pt']\nsave_file(t, 'model.safetensors')\nnp.save(f, a, allow_pickle=False)\n"
+    ) == []
 
 
 def test_package_sources_use_no_pickle_and_never_force_remote_code():
     root = Path(hf_dpruner.__file__).parent
     sources = sorted(root.rglob("*.py"))
     assert len(sources) > 20
-    found = {str(p.relative_to(root)): unsafe_calls(p.read_text()) for p in sources}
+    repo = root.parent  # the benchmarks and examples write files too
+    sources += sorted(p for folder in ("benchmarks", "examples") for p in (repo / folder).rglob("*.py"))
+    found = {str(p.relative_to(repo)): unsafe_calls(p.read_text()) for p in sources}
     assert {path: calls for path, calls in found.items() if calls} == {}
 
 

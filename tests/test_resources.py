@@ -35,7 +35,7 @@ def fake_wheel(tmp_path, monkeypatch):
 
 
 def fake_convert(gguf_file: Path, output_dir: Path) -> None:
-    output_dir.mkdir(parents=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.json").write_text(json.dumps({"source": gguf_file.read_bytes().decode()}))
 
 
@@ -124,7 +124,7 @@ def test_missing_gguf_package(tmp_path, monkeypatch):
 
 def test_prepare_is_atomic_when_conversion_fails(cache, fake_wheel, monkeypatch):
     def broken_convert(gguf_file, output_dir):
-        output_dir.mkdir(parents=True)
+        output_dir.mkdir(parents=True, exist_ok=True)  # given empty
         (output_dir / "model.safetensors").write_bytes(b"half")
         raise RuntimeError("conversion interrupted")
 

@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from ..config import read_pruning_record, recorded_source
 from ..corpora import DOMAIN_CORPORA, GENERAL_CORPUS
@@ -16,6 +16,7 @@ from ..data import load_texts
 from ..evaluation import perplexity
 from ..lm_eval_bridge import MMLU_TASKS, build_task_manager, run_lm_eval
 from ..model_card import EVAL_RESULTS_NAME, write_model_card
+from ..modeling import load_causal_lm
 from ..pat.config import PAT_CONFIG_NAME, read_pat_record
 from ..resources import DEFAULT_MODEL_NAME, default_model_path
 
@@ -68,6 +69,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--num-fewshot", type=int, default=None, help="Few-shot examples for --tasks (default 0).")
     parser.add_argument("--limit", type=int, default=None, help="Questions per task for --tasks (default: all).")
     parser.add_argument("--no-perplexity", action="store_true", help="Skip perplexity (run only --tasks).")
+    parser.add_argument("--allow-pickle-weights", action="store_true",
+                        help="Allow models whose weights exist only as pytorch_model.bin (a pickle; trusted sources "
+                        "only). Default: safetensors only.")
     args = parser.parse_args(argv)
     if not args.tasks and (args.no_perplexity or args.num_fewshot is not None or args.limit is not None):
         parser.error("--no-perplexity, --num-fewshot and --limit apply to --tasks: pass --tasks too.")
@@ -102,7 +106,7 @@ def main(argv: list[str]) -> int:
                                           "lm_eval_version": importlib.metadata.version("lm_eval")}
     for label, path in models.items():
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = load_causal_lm(path, allow_pickle=args.allow_pickle_weights)
         start = time.perf_counter()
         results["models"][label] = {"path": str(path)}
         for name, corpus in texts.items():

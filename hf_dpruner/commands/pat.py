@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
+from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
 
 from ..corpora import DOMAIN_CORPORA
 from ..data import load_texts
+from ..modeling import load_causal_lm
 from ..pat import PAT_CONFIG_NAME, PATConfig, PATTrainer
 from ..resources import DEFAULT_MODEL_NAME, default_model_path
 
@@ -32,6 +33,11 @@ class PATArguments:
     seq_len: int = field(default=256, metadata={"help": "Tokens per training window."})
     dtype: str = field(default="float32", metadata={"help": "Model dtype: float32 or bfloat16."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modeling code from the Hub."})
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata={"help": "Allow loading weights stored only as pytorch_model.bin (a pickle; only from sources you "
+                  "trust). Default: safetensors only."},
+    )
 
 
 @dataclass
@@ -61,7 +67,8 @@ def main(argv: list[str]) -> int:
     model_path = pat_args.model or str(default_model_path())
     print(f"model: {model_path if pat_args.model else DEFAULT_MODEL_NAME}", file=sys.stderr)
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=pat_args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=pat_args.trust_remote_code)
+    model = load_causal_lm(model_path, dtype=dtype, trust_remote_code=pat_args.trust_remote_code,
+                           allow_pickle=pat_args.allow_pickle_weights)
     args = training_args
     windows = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
     trainer = PATTrainer(

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
+from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
 
 from ..config import DPrunerConfig
 from ..corpora import DOMAIN_CORPORA, GENERAL_CORPUS
 from ..data import load_texts
 from ..resources import DEFAULT_MODEL_NAME, default_model_path
 from ..methods import CALIBRATION_CHOICES, METHODS, prune_model
+from ..modeling import load_causal_lm
 from ..resume import last_complete_checkpoint
 from ..trainer import PruningResult
 
@@ -57,6 +58,11 @@ class PruneArguments:
     )
     dtype: str = field(default="float32", metadata={"help": "Model dtype: float32 or bfloat16."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modeling code from the Hub."})
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata={"help": "Allow loading weights stored only as pytorch_model.bin (a pickle; only from sources you "
+                  "trust). Default: safetensors only."},
+    )
 
 
 @dataclass
@@ -138,8 +144,9 @@ def main(argv: list[str]) -> int:
     if dtype is None:
         raise ValueError(f"--dtype must be float32 or bfloat16, got {prune_args.dtype!r}.")
     tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=prune_args.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, trust_remote_code=prune_args.trust_remote_code
+    model = load_causal_lm(
+        model_path, dtype=dtype, trust_remote_code=prune_args.trust_remote_code,
+        allow_pickle=prune_args.allow_pickle_weights,
     )
     domain_source = prune_args.domain_data or DOMAIN_CORPORA[prune_args.domain]
     general_source = prune_args.general_data or GENERAL_CORPUS
@@ -161,8 +168,7 @@ def main(argv: list[str]) -> int:
     if not training_args.should_save:  # under several processes only the main one writes
         return 0
     save_start = time.perf_counter()
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
+    model.save_pretrained(output_dir, tokenizer=tokenizer)
     result.stage_seconds["save"] = time.perf_counter() - save_start
     if prune_args.method == "dpruner":
         shutil.rmtree(run_folder(output_dir), ignore_errors=True)

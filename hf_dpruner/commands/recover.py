@@ -12,8 +12,9 @@ from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
 from ..config import read_pruning_record, recorded_source
 from ..corpora import CORPORA
 from ..data import load_texts
-from ..modeling import AutoPrunedModelForCausalLM
+from ..modeling import AutoPrunedModelForCausalLM, is_stale_checkpoint_file
 from ..recovery.recover import RecoveryArguments, plot_ranks, recover
+from ..utils import replacing_folder
 
 ADAPTER_DIR = "adapter"
 RANKS_PLOT = "lora_ranks.png"
@@ -70,15 +71,17 @@ def main(argv: list[str]) -> int:
     tokenizer = AutoTokenizer.from_pretrained(pruned_dir)
     model = AutoPrunedModelForCausalLM.from_pretrained(pruned_dir)
     out = Path(training_args.output_dir)
-    result = recover(
-        model, tokenizer, load_texts(data), load_texts(eval_data, split="eval") if eval_data else [],
-        args, training_args, adapter_dir=out / ADAPTER_DIR,
-    )
-    result.model.pruning_record["recovery"]["data"] = data
-    result.model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    title = f"LoRA ranks ({args.rank_allocation}, mean {args.lora_r})"
-    plot = plot_ranks(result.ranks, out / RANKS_PLOT, title)
+    # the merged model, the adapter and the plot replace the output folder together, or not at all
+    with replacing_folder(out, stale=is_stale_checkpoint_file) as staging:
+        result = recover(
+            model, tokenizer, load_texts(data), load_texts(eval_data, split="eval") if eval_data else [],
+            args, training_args, adapter_dir=staging / ADAPTER_DIR,
+        )
+        result.model.pruning_record["recovery"]["data"] = data
+        result.model.save_pretrained(staging, tokenizer=tokenizer)
+        title = f"LoRA ranks ({args.rank_allocation}, mean {args.lora_r})"
+        plot = plot_ranks(result.ranks, staging / RANKS_PLOT, title)
+    plot = out / RANKS_PLOT if plot else None
     summary = {"rank_allocation": args.rank_allocation, "layer_ranks": list(result.ranks),
                "lora_parameters": result.lora_parameters, "sparsity": round(result.model.pruning_sparsity()["overall"], 6),
                "seconds": {k: round(v, 1) for k, v in result.seconds.items()}}

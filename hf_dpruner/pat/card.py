@@ -8,7 +8,15 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 
 from .. import __version__
-from ..model_card import CARD_NAME, EMBEDDED_BASE_MODEL, LIBRARY_TAG, base_model_license, hub_base_model, template_text
+from ..model_card import (
+    CARD_NAME,
+    EMBEDDED_BASE_MODEL,
+    LIBRARY_TAG,
+    base_model_license,
+    hub_base_model,
+    is_generated_card,
+    template_text,
+)
 from .config import PAT_RECORD_KEYS, read_pat_record
 
 TEMPLATE = "pat_model.md"
@@ -51,9 +59,14 @@ def build_pat_card(record: dict, model_name: str, repo_id: str | None = None) ->
     )
 
 
-def write_pat_card(folder: str | Path, repo_id: str | None = None, model_name: str | None = None) -> Path:
-    """Render the card of the PAT export in `folder` into ``folder/README.md``."""
+def write_pat_card(folder: str | Path, repo_id: str | None = None, model_name: str | None = None,
+                   existing: str | Path | None = None, overwrite_card: bool = False) -> Path | None:
+    """Render the card of the PAT export in `folder` into ``folder/README.md``. A README that hf_dpruner did not
+    write (at `existing`, default ``folder/README.md``) is kept unless `overwrite_card`; None when it was kept."""
     folder = Path(folder)
+    existing = Path(existing) if existing is not None else folder / CARD_NAME
+    if existing.is_file() and not overwrite_card and not is_generated_card(existing):
+        return None
     record = read_pat_record(folder)
     name = model_name or (repo_id.split("/")[-1] if repo_id else folder.resolve().name)
     card = build_pat_card(record, name, repo_id)

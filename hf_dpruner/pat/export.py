@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,11 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from transformers.utils import logging
 
 from .. import __version__
-from ..modeling import swap_folder
+from ..config import PRUNING_CONFIG_NAME
+from ..masks import MASKS_NAME
+from ..model_card import CARD_NAME
+from ..modeling import is_stale_checkpoint_file
+from ..utils import replacing_folder
 from .config import PATConfig
 from .modules import PATModules, get_pat_modules
 
@@ -136,9 +138,9 @@ def _save(small: PreTrainedModel, output_dir: Path, tokenizer, config: PATConfig
           kept: int, record: dict[str, Any]) -> None:
     from .card import write_pat_card
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
+    # weights, masks and pruning config of an earlier save to this folder would contradict the smaller model
+    stale = {MASKS_NAME, PRUNING_CONFIG_NAME}
+    with replacing_folder(output_dir, stale=lambda name: name in stale or is_stale_checkpoint_file(name)) as tmp:
         small.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -149,11 +151,7 @@ def _save(small: PreTrainedModel, output_dir: Path, tokenizer, config: PATConfig
         config.save_pretrained(tmp, method="pat", hf_dpruner_version=__version__,
                                base_model=record.get("base_model", getattr(base.config, "_name_or_path", None)),
                                training=record.get("training", {}), export=export)
-        write_pat_card(tmp, model_name=output_dir.name)
-        swap_folder(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_pat_card(tmp, model_name=output_dir.name, existing=output_dir / CARD_NAME)
     logger.info(f"PAT export: hidden {base.config.hidden_size} -> {kept}, saved to {output_dir}.")
 
 

@@ -14,6 +14,7 @@ from transformers.utils import logging
 
 from ..data import CausalLMCollator, build_windows
 from ..targets import find_prunable_weights, module_type
+from ..utils import replacing_folder
 from .lora import get_masked_peft_model, merge_masked_lora
 from .performance_model import PerformanceModel
 from .rank_space import RankSpace, lora_parameter_count
@@ -139,7 +140,8 @@ def recover(
             data_collator=CausalLMCollator(tokenizer.pad_token_id)).train()
     seconds["train"] = time.perf_counter() - start
     if adapter_dir is not None:
-        peft_model.save_pretrained(adapter_dir)
+        with replacing_folder(adapter_dir) as folder:
+            peft_model.save_pretrained(folder)
     merged = merge_masked_lora(peft_model)
     recovery = merged.pruning_record["recovery"]
     recovery.update(rank_allocation=args.rank_allocation, layer_ranks=list(ranks), max_steps=training_args.max_steps,
