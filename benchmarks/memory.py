@@ -29,6 +29,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+_HERE = Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:  # run as a script or loaded by path from the tests
+    sys.path.insert(0, str(_HERE))
+from _meta import finish_metadata, start_metadata  # noqa: E402
+
 STAGES = ("load", "general_importance", "domain_importance", "masks", "save")
 VARIANTS: dict[str, dict[str, Any]] = {
     "default": {}, "score-pass": {"domain_pass": "score"}, "bf16-importance": {"importance_dtype": "bfloat16"},
@@ -262,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         Path(args.result).write_text(json.dumps(worker(args.worker, args.quick), indent=2))
         return 0
+    metadata = start_metadata(__file__, args, argv)
     env = {"GLIBC_TUNABLES": RELEASE_FREED} if args.release_freed else {}
     malloc = f"GLIBC_TUNABLES={RELEASE_FREED}, RSS tracks live memory" if env else "default glibc malloc"
     act = run_worker("activations", args.quick, env)["activations_mib"]
@@ -271,7 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = "memory" + ("-quick" if args.quick else "") + ("-release-freed" if env else "")
-    summary = {"malloc": malloc, "activations_mib": act, "runs": runs, "skipped": skipped}
+    settings = {"variants": args.variants, "quick": args.quick, "release_freed": args.release_freed}
+    summary = {"metadata": finish_metadata(metadata), "settings": settings, "malloc": malloc, "activations_mib": act,
+               "runs": runs, "skipped": skipped}
     (out / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(runs, act, skipped, args.quick, malloc))
     if runs:

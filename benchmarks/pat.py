@@ -19,6 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+_HERE = Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:  # run as a script or loaded by path from the tests
+    sys.path.insert(0, str(_HERE))
+from _meta import finish_metadata, start_metadata  # noqa: E402
+
 MODES = {
     "full": dict(steps=40, batch_size=4, seq_len=256, learning_rate=2e-4, lora_r=8, pruning_ratio=0.25,
                  dpruner_sparsity=0.5, dpruner_samples=32, eval_tokens=16384, eval_seq_len=512, prompt_tokens=32,
@@ -219,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--steps", type=int, help="Override the number of training steps.")
     args = parser.parse_args(argv)
+    metadata = start_metadata(__file__, args, argv)
     mode = "quick" if args.quick else "full"
     settings = dict(MODES[mode])
     if args.steps:
@@ -228,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = "pat" if mode == "full" else "pat-quick"
-    (out / f"{stem}.json").write_text(json.dumps({"settings": settings, "runs": rows,
-                                                  "seconds": time.perf_counter() - start}, indent=2) + "\n")
+    results = {"metadata": finish_metadata(metadata), "settings": settings, "runs": rows,
+               "seconds": time.perf_counter() - start}
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{stem}.md").write_text(markdown(rows, settings))
     plot(rows, out / f"{stem}.png")
     print((out / f"{stem}.md").read_text())

@@ -18,6 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
+_HERE = Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:  # run as a script or loaded by path from the tests
+    sys.path.insert(0, str(_HERE))
+from _meta import finish_metadata, start_metadata  # noqa: E402
+
 SETTINGS = dict(lora_r=8, num_samples=64, seq_len=256, max_steps=40, batch_size=4, learning_rate=3e-4,
                 search_steps=8, search_initial=8, search_rounds=4, search_eval_samples=8,
                 eval_tokens=16384, eval_seq_len=512)
@@ -114,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--max-steps", type=int, default=SETTINGS["max_steps"])
     args = parser.parse_args(argv)
+    metadata = start_metadata(__file__, args, argv)
     settings = {**SETTINGS, "max_steps": args.max_steps}
     pruned = args.pruned
     if pruned is None:
@@ -124,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(settings, Path(pruned))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recovery.json").write_text(json.dumps({"settings": settings, "pruned": pruned, "runs": rows,
-                                                   "seconds": time.perf_counter() - start}, indent=2) + "\n")
+    results = {"metadata": finish_metadata(metadata), "settings": settings, "pruned": pruned, "runs": rows,
+               "seconds": time.perf_counter() - start}
+    (out / "recovery.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "recovery.md").write_text(markdown(rows, settings, Path(pruned).name))
     plot(rows, out / "recovery.png")
     print((out / "recovery.md").read_text())

@@ -20,6 +20,11 @@ import tempfile
 import time
 from pathlib import Path
 
+_HERE = Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:  # run as a script or loaded by path from the tests
+    sys.path.insert(0, str(_HERE))
+from _meta import finish_metadata, start_metadata  # noqa: E402
+
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "dpruner", "dpruner-cached")
 MODES = {
     "quick": dict(domains=["medical"], sparsities=["0.5"], num_samples=4, seq_len=128, eval_tokens=2048,
@@ -155,6 +160,29 @@ def plots(rows: list[dict], out: Path, mode: str) -> list[Path]:
     return written
 
 
+def groups_of(rows: list[dict]) -> list[list[str]]:
+    """The (domain, sparsity) groups of `rows`, in order of first appearance."""
+    return [list(g) for g in dict.fromkeys((r["domain"], r["sparsity"]) for r in rows)]
+
+
+def kept_run_metadata(earlier: dict, kept: list[list[str]]) -> list[dict]:
+    """The metadata of the earlier runs that measured the `kept` groups of an earlier results file, each limited
+    to the groups it still provides; groups no metadata covers get a block that says so (and fails the test of
+    results files until they are measured again)."""
+    blocks = [b for b in [earlier.get("metadata"), *earlier.get("earlier_runs", [])] if b]
+    runs, covered = [], set()
+    for block in blocks:
+        groups = [g for g in block.get("groups", []) if g in kept and tuple(g) not in covered]
+        covered.update(tuple(g) for g in groups)
+        if groups:
+            runs.append({**block, "groups": groups})
+    unknown = [g for g in kept if tuple(g) not in covered]
+    if unknown:
+        runs.append({"groups": unknown, "note": "kept from an earlier results file that recorded no metadata for "
+                     "these groups: measure them again"})
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI-sized run.")
@@ -169,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.single:
         print(json.dumps(run_single(json.loads(args.single))))
         return 0
+    metadata = start_metadata(__file__, args, argv)
     mode = "quick" if args.quick else "full"
     settings = dict(MODES[mode])
     settings["domains"] = args.domains or settings["domains"]
@@ -194,15 +223,20 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
                 print(f"    domain ppl {rows[-1]['domain_ppl']:.2f}, general ppl {rows[-1]['general_ppl']:.2f}, "
                       f"{rows[-1]['prune_seconds']:.1f} s", file=sys.stderr, flush=True)
+    metadata["groups"] = groups_of(rows)
+    earlier_runs: list[dict] = []
     previous = out / f"{mode}.json"
     if args.append and previous.is_file():
         earlier = json.loads(previous.read_text())
         rerun = {(r["domain"], r["sparsity"]) for r in rows}
-        rows = [r for r in earlier["runs"] if (r["domain"], r["sparsity"]) not in rerun] + rows
+        kept = [r for r in earlier["runs"] if (r["domain"], r["sparsity"]) not in rerun]
+        earlier_runs = kept_run_metadata(earlier, groups_of(kept))
+        rows = kept + rows
         for key in ("domains", "sparsities"):
             settings[key] = list(dict.fromkeys([*earlier["settings"][key], *settings[key]]))
         rows.sort(key=lambda r: (settings["domains"].index(r["domain"]), settings["sparsities"].index(r["sparsity"])))
-    (out / f"{mode}.json").write_text(json.dumps({"settings": settings, "runs": rows}, indent=2) + "\n")
+    results = {"metadata": finish_metadata(metadata), "earlier_runs": earlier_runs, "settings": settings, "runs": rows}
+    (out / f"{mode}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{mode}.md").write_text(markdown(rows, settings))
     written = plots(rows, out, mode)
     print((out / f"{mode}.md").read_text())

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_cli_and_data import text, tiny_model_dir  # noqa: F401 (fixture)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 
@@ -44,6 +45,8 @@ def test_quick_benchmark_writes_results(tmp_path):
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "quick.json").read_text())
+    assert results["metadata"]["groups"] == [["medical", "0.5"]] and results["earlier_runs"] == []
+    assert results["metadata"]["cli_args"]["quick"] is True and results["metadata"]["cpu_count"] >= 1
     runs = {r["method"]: r for r in results["runs"]}
     assert set(runs) == {"dense", "magnitude", "wanda", "sparsegpt", "dpruner", "dpruner-cached"}
     assert runs["dense"]["domain_ppl"] < runs["sparsegpt"]["domain_ppl"] < runs["magnitude"]["domain_ppl"]
@@ -105,7 +108,9 @@ def test_quick_pat_benchmark_writes_results(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT.with_name("pat.py")), "--quick", "--output-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]
-    runs = {r["method"]: r for r in json.loads((tmp_path / "pat-quick.json").read_text())["runs"]}
+    results = json.loads((tmp_path / "pat-quick.json").read_text())
+    assert results["metadata"]["cli_args"]["quick"] is True and results["metadata"]["torch_threads"] >= 1
+    runs = {r["method"]: r for r in results["runs"]}
     assert set(runs) == {"dense", "dense + LoRA", "PAT 25%", "D-Pruner 50% + LoRA"}
     assert runs["PAT 25%"]["hidden_size"] == 432 and runs["dense"]["hidden_size"] == 576
     assert runs["PAT 25%"]["parameters"] < runs["dense"]["parameters"]
@@ -123,6 +128,8 @@ def test_quick_memory_benchmark_measures_every_stage_and_the_held_buffers(tmp_pa
                            "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "memory-quick.json").read_text())
+    assert results["settings"] == {"variants": ["default", "score-pass-bf16"], "quick": True, "release_freed": False}
+    assert results["metadata"]["cli_args"]["variants"] == ["default", "score-pass-bf16"]
     runs = {r["variant"]: r for r in results["runs"]}
     assert set(runs) == {"default", "score-pass-bf16"} and results["activations_mib"] > 0
     for run in runs.values():
@@ -137,3 +144,28 @@ def test_quick_memory_benchmark_measures_every_stage_and_the_held_buffers(tmp_pa
     assert default["G in the regularizer (beyond the shared G)"] == 0  # shared, not copied
     assert "Goal (whole run <= 3x model size + activations" in (tmp_path / "memory-quick.md").read_text()
     assert (tmp_path / "memory-quick.png").stat().st_size > 10_000
+
+
+def test_cli_benchmark_measures_the_commands_on_a_tiny_model(tiny_model_dir, tmp_path):  # noqa: F811
+    """benchmarks/cli.py end to end on a tiny Llama with a word tokenizer and text files (no real model)."""
+    for seed, name in enumerate(("general", "domain", "other")):
+        (tmp_path / f"{name}.txt").write_text(text(seed, 400))
+    prune = (f"--model {tiny_model_dir} --general-data {tmp_path / 'general.txt'} "
+             f"--domain-data {tmp_path / 'domain.txt'} --num-samples 4 --seq-len 16")
+    evaluate = (f"--baseline-model {tiny_model_dir} --general-data {tmp_path / 'general.txt'} "
+                f"--domain-data {tmp_path / 'domain.txt'} --seq-len 32")
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, str(SCRIPT.with_name("cli.py")), "--variants", "score-pass",
+                           "--other-domains", str(tmp_path / "other.txt"), "--extra-prune-args", prune,
+                           "--extra-eval-args", evaluate, "--output-dir", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "cli.json").read_text())
+    assert results["metadata"]["cli_args"]["variants"] == ["score-pass"] and results["metadata"]["cpu_count"] >= 1
+    (run,) = results["runs"]
+    assert run["flags"] == ["--domain-pass", "score"] and run["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert {"general_importance", "domain_importance", "save"} <= set(run["stage_seconds"])
+    assert run["peak_rss_mib"] > 100 and run["prune_seconds"] > 0
+    other = run["other_domains_ppl"][str(tmp_path / "other.txt")]
+    assert run["domain_ppl"] > 1 and run["dense_domain_ppl"] > 1 and other > 1 and other != run["domain_ppl"]
+    assert "| score-pass | `--domain-pass score` |" in (out / "cli.md").read_text()

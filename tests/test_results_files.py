@@ -1,0 +1,214 @@
+"""Every benchmark results file says what produced it, and the README's figures are the ones those files hold.
+
+`benchmarks/_meta.py` defines the metadata block each script writes (code commit, dirty flag, CLI arguments, CPU
+count, torch threads, date, versions). A results file without it fails here, with the command that re-measures it.
+The README figures below are recomputed from the results files with the scripts' own formatting; a README figure
+that no results file produces does not belong in the README.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+RESULTS = BENCH / "results"
+RESULTS_FILES = sorted(RESULTS.glob("*.json"))
+RERUN = {  # the command that re-measures each results file the README uses
+    "full": "python benchmarks/run.py",
+    "memory": "python benchmarks/memory.py --variants default score-pass bf16-importance score-pass-bf16",
+    "pat": "python benchmarks/pat.py",
+    "recovery": "hf-dpruner prune --domain medical --sparsity 0.5 --output-dir out/smollm2-med-50 && "
+                "python benchmarks/recovery.py --pruned out/smollm2-med-50",
+    "cli": "python benchmarks/cli.py --tasks dpruner_mmlu_medical",  # MMLU (lm-eval extra) on the default variant
+}
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+meta = load_script("_meta")
+
+
+def _git(*args: str) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=30)
+    except OSError:
+        return None
+
+
+def metadata_blocks(results: dict) -> list[tuple[str, object]]:
+    """The run's metadata and, for a file that keeps groups of earlier runs (run.py --append), theirs."""
+    return [("metadata", results.get("metadata"))] + [
+        (f"earlier_runs[{i}]", block) for i, block in enumerate(results.get("earlier_runs", []))]
+
+
+def test_there_are_results_files():
+    assert {"full", "memory", "pat", "recovery"} <= {p.stem for p in RESULTS_FILES}
+
+
+@pytest.mark.parametrize("path", RESULTS_FILES, ids=lambda p: p.name)
+def test_results_file_records_commit_settings_machine_and_date(path):
+    results = json.loads(path.read_text())
+    problems = [f"{where}: missing {', '.join(meta.missing_fields(block))}"
+                for where, block in metadata_blocks(results) if meta.missing_fields(block)]
+    if "settings" not in results:
+        problems.append("no top-level `settings`")
+    rows = results.get("runs", [])
+    if rows and all("domain" in r and "sparsity" in r for r in rows):  # run.py: every group has its run's metadata
+        covered = [tuple(g) for _, block in metadata_blocks(results) if isinstance(block, dict)
+                   for g in block.get("groups", [])]
+        groups = {(r["domain"], r["sparsity"]) for r in rows}
+        if sorted(covered) != sorted(groups):
+            problems.append(f"metadata groups {sorted(covered)} do not match the rows' groups {sorted(groups)}")
+    shallow = _git("rev-parse", "--is-shallow-repository")
+    if shallow is not None and shallow.returncode == 0 and shallow.stdout.strip() == "false":
+        for where, block in metadata_blocks(results):
+            commit = block.get("commit") if isinstance(block, dict) else None
+            if commit and _git("cat-file", "-e", f"{commit}^{{commit}}").returncode != 0:
+                problems.append(f"{where}: commit {commit} is not in this repository")
+    rerun = RERUN.get(path.stem, "the script that wrote it")
+    assert not problems, f"{path.relative_to(ROOT)} must be re-run ({rerun}):\n" + "\n".join(problems)
+
+
+def test_metadata_block_has_every_required_field(monkeypatch):
+    monkeypatch.setattr(sys, "argv", [str(BENCH / "run.py"), "--quick"])
+    block = meta.finish_metadata(meta.start_metadata(str(BENCH / "run.py"), {"quick": True}))
+    assert meta.missing_fields(block) == []
+    assert block["command"] == "python benchmarks/run.py --quick" and block["cli_args"] == {"quick": True}
+    assert block["cpu_count"] >= 1 and block["torch_threads"] >= 1 and block["date"].endswith("+00:00")
+    assert block["versions"]["torch"] and block["versions"]["transformers"]
+    head = _git("rev-parse", "HEAD")
+    if head is not None and head.returncode == 0:
+        assert block["commit"] == head.stdout.strip() and isinstance(block["commit_dirty"], bool)
+    assert meta.missing_fields({"commit": "abc"}) == [f for f in meta.REQUIRED_FIELDS if f != "commit"]
+    assert meta.missing_fields({"commit": "abc", "backfilled_from_git": "note"}) == ["date"]
+    assert meta.missing_fields(None) == list(meta.REQUIRED_FIELDS)
+
+
+def test_append_keeps_the_metadata_of_the_groups_it_keeps():
+    run = load_script("run")
+    block = {**{f: 1 for f in meta.REQUIRED_FIELDS}, "groups": [["medical", "0.5"], ["legal", "0.5"]]}
+    earlier = {"metadata": block, "earlier_runs": [{**block, "commit": 0, "groups": [["medical", "2:4"]]}]}
+    kept = run.kept_run_metadata(earlier, [["legal", "0.5"], ["medical", "2:4"]])
+    assert [b["groups"] for b in kept] == [[["legal", "0.5"]], [["medical", "2:4"]]]
+    assert kept[1]["commit"] == 0
+    # groups from a file without metadata are kept, flagged, and fail the test above until measured again
+    flagged = run.kept_run_metadata({"runs": []}, [["legal", "0.3"]])
+    assert flagged[0]["groups"] == [["legal", "0.3"]] and meta.missing_fields(flagged[0])
+
+
+def _results(stem: str) -> dict:
+    return json.loads((RESULTS / f"{stem}.json").read_text())
+
+
+def readme_figures() -> list[tuple[str, str]]:
+    """(text the README states, results file it comes from), recomputed with the scripts' formatting."""
+    figures: list[tuple[str, str]] = []
+    full = _results("full")
+    rows = full["runs"]
+    figures += [(line, "full.json") for line in load_script("run").markdown(rows, full["settings"]).splitlines()
+                if line.startswith(("| medical |", "| legal |"))]
+
+    def row(domain, sparsity, method):
+        return next(r for r in rows if (r["domain"], r["sparsity"], r["method"]) == (domain, sparsity, method))
+
+    groups = sorted({(r["domain"], r["sparsity"]) for r in rows})
+    for method, label in (("dpruner", "×"), ("dpruner-cached", "×")):
+        ratios = [row(d, s, method)["prune_seconds"] / row(d, s, "sparsegpt")["prune_seconds"] for d, s in groups]
+        figures.append((f"{min(ratios):.2f}–{max(ratios):.2f}{label}", "full.json"))
+    for method in ("dpruner", "sparsegpt"):
+        gib = [r["peak_rss_mib"] / 1024 for r in rows if r["method"] == method]
+        figures.append((f"{min(gib):.1f}–{max(gib):.1f} GiB", "full.json"))
+
+    def ppl(domain, sparsity, method, key="domain_ppl", digits=1):
+        return f"{row(domain, sparsity, method)[key]:,.{digits}f}"
+
+    figures += [(text, "full.json") for text in (
+        f"50%, medical {ppl('medical', '0.5', 'sparsegpt')} against D-Pruner's {ppl('medical', '0.5', 'dpruner')}",
+        f"general {ppl('medical', '0.5', 'sparsegpt', 'general_ppl')} against "
+        f"{ppl('medical', '0.5', 'dpruner', 'general_ppl')}",
+        f"medical {ppl('medical', '0.3', 'dpruner')} vs {ppl('medical', '0.3', 'sparsegpt')}, legal "
+        f"{ppl('legal', '0.3', 'dpruner')} vs {ppl('legal', '0.3', 'sparsegpt')}; general "
+        f"{ppl('medical', '0.3', 'dpruner', 'general_ppl')} vs {ppl('medical', '0.3', 'sparsegpt', 'general_ppl')} "
+        f"and {ppl('legal', '0.3', 'dpruner', 'general_ppl')} vs {ppl('legal', '0.3', 'wanda', 'general_ppl')}",
+        f"medical {ppl('medical', '0.7', 'dpruner', digits=0)} vs {ppl('medical', '0.7', 'sparsegpt', digits=0)}, "
+        f"legal {ppl('legal', '0.7', 'dpruner', digits=0)} vs {ppl('legal', '0.7', 'sparsegpt', digits=0)}",
+        f"Wanda ({ppl('medical', '0.7', 'wanda', digits=0)} and {ppl('legal', '0.7', 'wanda', digits=0)})",
+        f"medical {ppl('medical', '2:4', 'dpruner', digits=0)} vs {ppl('medical', '2:4', 'wanda', digits=0)}, "
+        f"legal {ppl('legal', '2:4', 'dpruner', digits=0)} vs {ppl('legal', '2:4', 'wanda', digits=0)}",
+        f"({ppl('medical', '0.5', 'dpruner')} vs {ppl('medical', '0.5', 'wanda')} medical, "
+        f"{ppl('legal', '0.5', 'dpruner')} vs {ppl('legal', '0.5', 'wanda')} legal)",
+        f"({ppl('medical', '0.5', 'dpruner', 'general_ppl')} vs {ppl('medical', '0.5', 'wanda', 'general_ppl')})",
+    )]
+    dense = row("medical", "0.5", "dense")
+
+    memory = _results("memory")
+    model, act = memory["runs"][0]["model_fp32_mib"], memory["activations_mib"]
+    figures += [(f"fp32 model {model:.0f} MiB", "memory.json"),
+                (f"micro-batch ({act:.0f} MiB), i.e. {3 * model + act:,.0f} MiB", "memory.json")]
+    for r in memory["runs"]:
+        general = r["stages"]["general_importance"]["peak_mib"] - r["baseline_mib"]
+        peak = r["run_peak_mib"] - r["baseline_mib"]
+        goal = "**met**" if peak <= 3 * model + act else "missed"
+        figures.append((f"| {general:,.0f} | {peak:,.0f} | {peak / model:.2f} | {goal} |", "memory.json"))
+    default = next(r for r in memory["runs"] if r["variant"] == "default")
+    figures.append((f"peaks at {default['run_peak_mib'] / 1024:.1f} GiB", "memory.json"))
+    general_x = (default["stages"]["general_importance"]["peak_mib"] - default["baseline_mib"]) / model
+    figures.append((f"stays at {general_x:.1f}× (the model plus G)", "memory.json"))
+
+    recovery = _results("recovery")
+    by = {r["method"]: r for r in recovery["runs"]}
+    figures.append((f"| dense (before pruning) | {dense['domain_ppl']:.2f} | {dense['general_ppl']:.2f} |",
+                    "full.json"))
+    for r in recovery["runs"]:
+        figures.append((f"| {r['domain_ppl']:.2f} | {r['general_ppl']:.2f} | {r['lora_parameters']:,} | "
+                        f"{r['search_seconds']:.0f} | {r['train_seconds']:.0f} |", "recovery.json"))
+    none, uniform, adaptive = by["no recovery"], by["LoRA uniform"], by["LoRA rankadaptor"]
+    figures += [
+        (f"{recovery['seconds'] / 60:.0f} minutes on", "recovery.json"),
+        (f"lowers the domain perplexity by {1 - uniform['domain_ppl'] / none['domain_ppl']:.0%} in "
+         f"{recovery['settings']['max_steps']} steps ({none['domain_ppl']:.1f} → {uniform['domain_ppl']:.1f}; "
+         f"dense: {dense['domain_ppl']:.1f})", "recovery.json"),
+        (f"{adaptive['domain_ppl']:.3f} against {uniform['domain_ppl']:.3f}", "recovery.json"),
+        (f"{adaptive['general_ppl'] / uniform['general_ppl'] - 1:.1%} worse on general text", "recovery.json"),
+        (f"({adaptive['search_runs']} measured configurations)", "recovery.json"),
+        (f"perplexity {none['domain_ppl']:.2f} / {none['general_ppl']:.2f}", "recovery.json"),
+        (f"value: {none['domain_ppl']:.4f}, name: domain perplexity", "recovery.json"),
+        (f"| pruned | {none['general_ppl']:.2f} | {none['domain_ppl']:.2f} |", "recovery.json"),
+        (f"| dense | {dense['general_ppl']:.2f} | {dense['domain_ppl']:.2f} |", "full.json"),
+    ]
+
+    pat = _results("pat")
+    pat_bench = load_script("pat")
+    figures += [(line, "pat.json") for line in pat_bench.markdown(pat["runs"], pat["settings"]).splitlines()
+                if line.startswith("| ") and not line.startswith(("| method", "|---"))]
+    p = {r["method"]: r for r in pat["runs"]}
+    small, big = p[f"PAT {pat['settings']['pruning_ratio']:.0%}"], p["dense"]
+    figures += [
+        (f"{pat['seconds'] / 60:.0f} minutes on", "pat.json"),
+        (f"hidden {big['hidden_size']} → {small['hidden_size']}", "pat.json"),
+        (f"({small['tokens_per_s_batch8'] / big['tokens_per_s_batch8']:.2f}× the dense model's tokens/s", "pat.json"),
+        (f"({small['tokens_per_s_batch1'] / big['tokens_per_s_batch1']:.2f}×:", "pat.json"),
+        (f"{small['domain_ppl']:.1f} against {p['dense + LoRA']['domain_ppl']:.2f} for dense + LoRA", "pat.json"),
+        (f"({small['checkpoint_bytes'] / 2**20:.0f} vs {big['checkpoint_bytes'] / 2**20:.0f} MiB)", "pat.json"),
+        (f"{small['parameters'] / 1e6:.1f}M parameters against {big['parameters'] / 1e6:.1f}M", "pat.json"),
+    ]
+    return figures
+
+
+def test_readme_figures_are_the_results_files_figures():
+    readme = " ".join((ROOT / "README.md").read_text().split())  # line breaks inside sentences do not matter
+    missing = [f"{source}: {text}" for text, source in readme_figures() if " ".join(text.split()) not in readme]
+    assert not missing, "README figures that differ from their results file (update the README):\n" + "\n".join(
+        missing)
