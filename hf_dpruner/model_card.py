@@ -11,7 +11,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 
-from . import __version__
+from .version import __version__
 from .config import PRUNING_CONFIG_NAME, RECORD_KEYS, read_pruning_record
 
 CARD_NAME = "README.md"

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from huggingface_hub import CommitInfo
 
-from . import __version__
+from .version import __version__
 from .config import PRUNING_CONFIG_NAME, DPrunerConfig, config_from_record, read_pruning_record
 from .hub import local_checkpoint, push_folder_to_hub
 from .masks import (

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .. import __version__
+from ..version import __version__
 from ..model_card import (
     CARD_NAME,
     EMBEDDED_BASE_MODEL,

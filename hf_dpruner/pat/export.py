@@ -18,7 +18,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from .. import __version__
+from ..version import __version__
 from ..config import PRUNING_CONFIG_NAME
 from ..masks import MASKS_NAME
 from ..model_card import CARD_NAME
