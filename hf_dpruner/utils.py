@@ -1,4 +1,5 @@
-"""The neutral bottom layer: helpers that several modules share and that import nothing from the package.
+"""The neutral bottom layer: helpers that several modules share and that import nothing from the package: reading
+a JSON object with clear errors, the sha256 of a file, and the folder replacement.
 
 `replacing_folder` is the one way hf_dpruner replaces a folder (checkpoints, PAT exports, recovery outputs,
 prepared caches): a failure or interrupt at any step leaves the folder as it was or completely new, and never
@@ -10,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -20,10 +23,35 @@ import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
+
+def read_json_object(file: str | os.PathLike, missing_hint: str, remedy: str) -> dict[str, Any]:
+    """The JSON object in `file`; clear errors (with `missing_hint` / `remedy`) when it is absent, corrupt or not
+    an object."""
+    file = Path(file)
+    if not file.is_file():
+        raise FileNotFoundError(f"No {file.name} at {file}; {missing_hint}")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise ValueError(f"{file} is not valid JSON ({err}); the file is corrupt, {remedy}.") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}.")
+    return data
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
 
 # Names of the sibling folders that a save works in: `.NAME.hf-new-PID-XXXX` (the new content being written;
 # after the swap it holds the old content until it is deleted) and `.NAME.hf-old-PID-XXXX` (the old folder moved

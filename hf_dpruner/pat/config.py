@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..config import read_json_object
+from ..utils import read_json_object
 
 PAT_CONFIG_NAME = "pat_config.json"
 # Keys that `save_pretrained` adds beside the recipe (what the run produced).
