@@ -86,13 +86,25 @@ def test_cli_bad_input_is_explained(tiny_model_dir, tmp_path, flags, message):
     assert message in str(info.value)
 
 
-def test_cli_output_dir_that_is_a_file_is_rejected(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("command", ["prune", "pat"])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--output-dir", "{tmp}/taken"], "is a file, not a folder"),
+        (["--output-dir", "{tmp}/o", "--dtype", "float16"], "--dtype: invalid choice: 'float16'"),
+    ],
+)
+def test_bad_flags_are_parser_errors_in_every_subcommand(tiny_model_dir, tmp_path, capsys, command, flags, message):
     (tmp_path / "d.txt").write_text(text(1, 200))
     (tmp_path / "taken").write_text("not a folder")
-    with pytest.raises(ValueError, match="is a file, not a folder"):
-        main(["prune", "--model", str(tiny_model_dir), "--general-data", str(tmp_path / "d.txt"),
-              "--domain-data", str(tmp_path / "d.txt"), "--num-samples", "2", "--seq-len", "16",
-              "--output-dir", str(tmp_path / "taken"), "--disable-tqdm", "true"])
+    data = (["--general-data", str(tmp_path / "d.txt"), "--domain-data", str(tmp_path / "d.txt")] if command == "prune"
+            else ["--data", str(tmp_path / "d.txt")])
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--model", str(tiny_model_dir), *data, *[f.format(tmp=tmp_path) for f in flags]])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"hf-dpruner {command}: error:" in err and message in err
+    assert (tmp_path / "taken").read_text() == "not a folder"
 
 
 def test_cli_eval_compares_pruned_and_dense(tiny_model_dir, tmp_path, capsys):

@@ -8,36 +8,24 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 from ..corpora import DOMAIN_CORPORA
 from ..data import load_texts
-from ..modeling import load_causal_lm
 from ..pat import PAT_CONFIG_NAME, PATConfig, PATTrainer
-from ..resources import DEFAULT_MODEL_NAME, default_model_path
+from .model_args import ModelArguments, load_model
 
 
 @dataclass
 class PATArguments:
     """What to tune and on which data."""
 
-    model: str | None = field(
-        default=None, metadata={"help": "Hub id or local folder. Default: the embedded SmolLM2-135M-Instruct."}
-    )
     data: str = field(
         default="medical",
         metadata={"help": f"Training text: a bundled corpus ({', '.join(DOMAIN_CORPORA)}, general), a file/folder or a "
                   "`datasets` name."},
     )
     seq_len: int = field(default=256, metadata={"help": "Tokens per training window."})
-    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32 or bfloat16."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modeling code from the Hub."})
-    allow_pickle_weights: bool = field(
-        default=False,
-        metadata={"help": "Allow loading weights stored only as pytorch_model.bin (a pickle; only from sources you "
-                  "trust). Default: safetensors only."},
-    )
 
 
 @dataclass
@@ -53,22 +41,15 @@ class PATTrainingArguments(TrainingArguments):
 
 
 def main(argv: list[str]) -> int:
-    parser = HfArgumentParser((PATConfig, PATArguments, PATTrainingArguments), prog="hf-dpruner pat")
-    config, pat_args, training_args = parser.parse_args_into_dataclasses(argv)
+    parser = HfArgumentParser((PATConfig, ModelArguments, PATArguments, PATTrainingArguments), prog="hf-dpruner pat")
+    config, model_args, pat_args, training_args = parser.parse_args_into_dataclasses(argv)
     if not training_args.output_dir:
         parser.error("--output-dir is required.")
     if os.path.isfile(training_args.output_dir):
         parser.error(f"--output-dir {training_args.output_dir} is a file, not a folder: choose a folder path.")
     if training_args.max_steps <= 0:
         parser.error("--max-steps must be > 0: the mask schedule is laid out over a known number of steps.")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(pat_args.dtype)
-    if dtype is None:
-        parser.error(f"--dtype must be float32 or bfloat16, got {pat_args.dtype!r}.")
-    model_path = pat_args.model or str(default_model_path())
-    print(f"model: {model_path if pat_args.model else DEFAULT_MODEL_NAME}", file=sys.stderr)
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=pat_args.trust_remote_code)
-    model = load_causal_lm(model_path, dtype=dtype, trust_remote_code=pat_args.trust_remote_code,
-                           allow_pickle=pat_args.allow_pickle_weights)
+    model, tokenizer = load_model(model_args)
     args = training_args
     windows = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
     trainer = PATTrainer(
@@ -77,7 +58,7 @@ def main(argv: list[str]) -> int:
     )
     trainer.data_source = pat_args.data
     trainer.train()
-    small = trainer.export(record={"base_model": pat_args.model or DEFAULT_MODEL_NAME})
+    small = trainer.export(record={"base_model": model_args.name})
     record = json.loads((Path(training_args.output_dir) / PAT_CONFIG_NAME).read_text())
     print(json.dumps(record["export"], indent=2))
     print(f"saved: {training_args.output_dir} (hidden_size {small.config.hidden_size})", file=sys.stderr)

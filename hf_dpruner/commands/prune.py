@@ -10,17 +10,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
+from transformers import HfArgumentParser, TrainingArguments
 
 from ..config import DPrunerConfig
 from ..corpora import DOMAIN_CORPORA, GENERAL_CORPUS
 from ..data import load_texts
-from ..resources import DEFAULT_MODEL_NAME, default_model_path
 from ..methods import CALIBRATION_CHOICES, METHODS, prune_model
-from ..modeling import load_causal_lm
 from ..resume import last_complete_checkpoint
 from ..trainer import PruningResult
+from .model_args import ModelArguments, load_model
 
 RUN_SUFFIX = ".dpruner-run"
 GENERAL_IMPORTANCE_NAME = "general_importance.safetensors"
@@ -38,9 +36,6 @@ class PruneArguments:
         metadata={"help": "Data the baselines calibrate on: 'domain' (default, their strongest setting) or "
                   "'general' (the classic setting). D-Pruner always uses both."},
     )
-    model: str | None = field(
-        default=None, metadata={"help": "Hub id or local folder. Default: the embedded SmolLM2-135M-Instruct."}
-    )
     domain: str = field(
         default="medical", metadata={"help": f"Bundled domain corpus: {', '.join(DOMAIN_CORPORA)}."}
     )
@@ -55,13 +50,6 @@ class PruneArguments:
     general_importance: str | None = field(
         default=None,
         metadata={"help": "Safetensors file caching the general importance: read if it exists, else written."},
-    )
-    dtype: str = field(default="float32", metadata={"help": "Model dtype: float32 or bfloat16."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modeling code from the Hub."})
-    allow_pickle_weights: bool = field(
-        default=False,
-        metadata={"help": "Allow loading weights stored only as pytorch_model.bin (a pickle; only from sources you "
-                  "trust). Default: safetensors only."},
     )
 
 
@@ -92,20 +80,21 @@ class PruneTrainingArguments(TrainingArguments):
     logging_steps: float = field(default=1, metadata={"help": "Log every N steps."})
 
 
-def parse(argv: list[str]) -> tuple[DPrunerConfig, PruneArguments, PruneTrainingArguments]:
-    parser = HfArgumentParser((DPrunerConfig, PruneArguments, PruneTrainingArguments), prog="hf-dpruner prune")
-    config, prune_args, training_args = parser.parse_args_into_dataclasses(argv)
+def parse(argv: list[str]) -> tuple[DPrunerConfig, ModelArguments, PruneArguments, PruneTrainingArguments]:
+    parser = HfArgumentParser((DPrunerConfig, ModelArguments, PruneArguments, PruneTrainingArguments),
+                              prog="hf-dpruner prune")
+    config, model_args, prune_args, training_args = parser.parse_args_into_dataclasses(argv)
     if not training_args.output_dir:
         parser.error("--output-dir is required.")
     if os.path.isfile(training_args.output_dir):
-        raise ValueError(f"--output-dir {training_args.output_dir} is a file, not a folder: choose a folder path.")
+        parser.error(f"--output-dir {training_args.output_dir} is a file, not a folder: choose a folder path.")
     if prune_args.method not in METHODS:
         parser.error(f"--method must be one of {list(METHODS)}, got {prune_args.method!r}.")
     if prune_args.calibration not in CALIBRATION_CHOICES:
         parser.error(f"--calibration must be one of {list(CALIBRATION_CHOICES)}, got {prune_args.calibration!r}.")
     if prune_args.domain_data is None and prune_args.domain not in DOMAIN_CORPORA:
         parser.error(f"--domain must be one of {list(DOMAIN_CORPORA)} (or give --domain-data).")
-    return config, prune_args, training_args
+    return config, model_args, prune_args, training_args
 
 
 def summary_table(result: PruningResult, peak_rss_mib: float) -> str:
@@ -126,7 +115,7 @@ def run_folder(output_dir: str | os.PathLike) -> Path:
 
 
 def main(argv: list[str]) -> int:
-    config, prune_args, training_args = parse(argv)
+    config, model_args, prune_args, training_args = parse(argv)
     output_dir = training_args.output_dir
     general_importance, resume = prune_args.general_importance, None
     if prune_args.method == "dpruner":  # stage outputs go to a run folder: a rerun of the command resumes
@@ -138,16 +127,7 @@ def main(argv: list[str]) -> int:
         if cached or resume:
             print(f"resuming from {run_dir}: general importance {'cached' if cached else 'to compute'}, domain pass "
                   f"{'from ' + Path(resume).name if resume else 'from the start'}", file=sys.stderr)
-    model_path = prune_args.model or str(default_model_path())
-    print(f"model: {model_path if prune_args.model else DEFAULT_MODEL_NAME}", file=sys.stderr)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(prune_args.dtype)
-    if dtype is None:
-        raise ValueError(f"--dtype must be float32 or bfloat16, got {prune_args.dtype!r}.")
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=prune_args.trust_remote_code)
-    model = load_causal_lm(
-        model_path, dtype=dtype, trust_remote_code=prune_args.trust_remote_code,
-        allow_pickle=prune_args.allow_pickle_weights,
-    )
+    model, tokenizer = load_model(model_args)
     domain_source = prune_args.domain_data or DOMAIN_CORPORA[prune_args.domain]
     general_source = prune_args.general_data or GENERAL_CORPUS
     needs_general = prune_args.method == "dpruner" or prune_args.calibration == "general"
@@ -163,7 +143,7 @@ def main(argv: list[str]) -> int:
         general_importance=general_importance,
         resume_from_checkpoint=resume,
     )
-    model.pruning_record["base_model"] = prune_args.model or DEFAULT_MODEL_NAME
+    model.pruning_record["base_model"] = model_args.name
     model.pruning_record["calibration"].update(general_data=general_source, domain_data=domain_source)
     if not training_args.should_save:  # under several processes only the main one writes
         return 0
