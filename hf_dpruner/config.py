@@ -7,11 +7,11 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from .utils import read_json_object
+from .config_base import RecipeConfig
 
 PRUNING_CONFIG_NAME = "pruning_config.json"
 
@@ -67,7 +67,7 @@ def check_record(data: Mapping[str, Any]) -> None:
 
 
 @dataclass
-class DPrunerConfig:
+class DPrunerConfig(RecipeConfig):
     """Configuration of D-Pruner (Zhang et al. 2024): general importance, regularized domain pass, masks."""
 
     sparsity: float = field(
@@ -242,45 +242,12 @@ class DPrunerConfig:
                 return float(ratio)
         return self.sparsity
 
-    def to_dict(self) -> dict[str, Any]:
-        """The recipe as a JSON-serializable dict."""
-        return asdict(self)
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **record: Any) -> Path:
-        """Write ``pruning_config.json``: the recipe plus record keys (method, versions, achieved sparsity, ...)."""
-        unknown = set(record) - set(RECORD_KEYS)
-        if unknown:
-            raise ValueError(f"Unknown record keys {sorted(unknown)}; valid: {RECORD_KEYS}.")
-        path = Path(save_directory)
-        path.mkdir(parents=True, exist_ok=True)
-        out = path / PRUNING_CONFIG_NAME
-        out.write_text(json.dumps({**self.to_dict(), **record}, indent=2, sort_keys=True) + "\n")
-        return out
+    config_name: ClassVar[str] = PRUNING_CONFIG_NAME
+    record_keys: ClassVar[tuple[str, ...]] = RECORD_KEYS
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "DPrunerConfig":
-        """The config of a recipe dict (record keys allowed and type-checked, other keys rejected)."""
-        if not isinstance(data, Mapping):
-            raise TypeError(f"A DPrunerConfig is read from a dict, got {type(data).__name__}.")
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names - set(RECORD_KEYS)
-        if unknown:
-            raise ValueError(f"Unknown DPrunerConfig keys {sorted(unknown, key=str)}; valid: {sorted(names)}.")
+    def check_record(cls, data: Mapping[str, Any]) -> None:
         check_record(data)
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "DPrunerConfig":
-        """Read the recipe from a checkpoint folder or a ``pruning_config.json`` file."""
-        file = pruning_config_file(path)
-        data = read_pruning_record(file)
-        try:
-            return cls.from_dict(data)
-        except (TypeError, ValueError) as err:
-            raise _invalid_file(err, file) from err
 
 
 def config_from_record(data: Mapping[str, Any], source: str | os.PathLike) -> DPrunerConfig | None:
@@ -292,27 +259,17 @@ def config_from_record(data: Mapping[str, Any], source: str | os.PathLike) -> DP
         check_record(data)
         return None
     except (TypeError, ValueError) as err:
-        raise _invalid_file(err, source) from err
-
-
-def _invalid_file(err: Exception, source: str | os.PathLike) -> Exception:
-    """`err` (TypeError or ValueError) restated with the file it came from and what to do."""
-    kind = TypeError if isinstance(err, TypeError) else ValueError
-    return kind(
-        f"{source} is not a valid {PRUNING_CONFIG_NAME}: {err} Fix it, or re-save or re-download the checkpoint."
-    )
+        raise DPrunerConfig.invalid_file(err, source) from err
 
 
 def pruning_config_file(path: str | os.PathLike) -> Path:
     """``pruning_config.json`` inside a folder, or `path` itself when it is not a folder."""
-    path = Path(path)
-    return path / PRUNING_CONFIG_NAME if path.is_dir() else path
+    return DPrunerConfig.config_file(path)
 
 
 def read_pruning_record(path: str | os.PathLike) -> dict[str, Any]:
     """The full ``pruning_config.json`` (recipe and record) of a folder or file, with clear errors."""
-    file = pruning_config_file(path)
-    return read_json_object(file, "is this a folder saved by hf_dpruner?", "re-save the checkpoint")
+    return DPrunerConfig.read_record(path)
 
 
 def recorded_source(value: Any, folder: str | os.PathLike, key: str, flag: str) -> str | None:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-from ..utils import read_json_object
+from ..config_base import RecipeConfig
 
 PAT_CONFIG_NAME = "pat_config.json"
 # Keys that `save_pretrained` adds beside the recipe (what the run produced).
@@ -16,7 +14,7 @@ PAT_RECORD_KEYS = ("method", "hf_dpruner_version", "base_model", "training", "ex
 
 
 @dataclass
-class PATConfig:
+class PATConfig(RecipeConfig):
     """Configuration of PAT (Liu et al. 2024): HSMs on the residual stream, one shared trainable channel mask,
     Identity Loss, LoRA on the linear layers; exported as a model with a smaller ``hidden_size``."""
 
@@ -83,36 +81,13 @@ class PATConfig:
     def rank_for(self, hidden_size: int) -> int:
         return self.hsm_rank if self.hsm_rank is not None else max(1, round(0.05 * hidden_size))
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **record: Any) -> Path:
-        """Write ``pat_config.json``: the recipe plus record keys (method, version, training, export)."""
-        unknown = set(record) - set(PAT_RECORD_KEYS)
-        if unknown:
-            raise ValueError(f"Unknown record keys {sorted(unknown)}; valid: {PAT_RECORD_KEYS}.")
-        path = Path(save_directory)
-        path.mkdir(parents=True, exist_ok=True)
-        out = path / PAT_CONFIG_NAME
-        out.write_text(json.dumps({**self.to_dict(), **record}, indent=2, sort_keys=True) + "\n")
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "PATConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names - set(PAT_RECORD_KEYS)
-        if unknown:
-            raise ValueError(f"Unknown PATConfig keys {sorted(unknown)}; valid: {sorted(names)}.")
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "PATConfig":
-        """Read the recipe from an exported folder or a ``pat_config.json`` file."""
-        return cls.from_dict(read_pat_record(path))
+    config_name: ClassVar[str] = PAT_CONFIG_NAME
+    record_keys: ClassVar[tuple[str, ...]] = PAT_RECORD_KEYS
+    missing_hint: ClassVar[str] = "is this a folder exported by hf_dpruner's PAT?"
+    remedy: ClassVar[str] = "export again"
+    invalid_remedy: ClassVar[str] = "export again"
 
 
 def read_pat_record(path: str | os.PathLike) -> dict[str, Any]:
     """The full ``pat_config.json`` (recipe and record) of a folder or file, with clear errors."""
-    path = Path(path)
-    file = path / PAT_CONFIG_NAME if path.is_dir() else path
-    return read_json_object(file, "is this a folder exported by hf_dpruner's PAT?", "export again")
+    return PATConfig.read_record(path)
