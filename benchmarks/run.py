@@ -25,7 +25,11 @@ if str(_HERE) not in sys.path:  # run as a script or loaded by path from the tes
     sys.path.insert(0, str(_HERE))
 from _meta import finish_metadata, start_metadata  # noqa: E402
 
-METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "dpruner", "dpruner-cached")
+from hf_dpruner.methods import method_names  # noqa: E402
+
+# every registered method, D-Pruner last, then D-Pruner with its general importance cached (the cost for a second
+# domain); "dense" is the unpruned reference
+METHODS = ("dense", *(m for m in method_names() if m != "dpruner"), "dpruner", "dpruner-cached")
 MODES = {
     "quick": dict(domains=["medical"], sparsities=["0.5"], num_samples=4, seq_len=128, eval_tokens=2048,
                   eval_seq_len=256),

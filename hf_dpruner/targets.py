@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -98,3 +99,11 @@ def module_type(param_name: str) -> str:
     """Short type of a weight for summaries: ``"...mlp.down_proj.weight"`` -> ``"down_proj"``."""
     parts = param_name.split(".")
     return parts[-2] if parts[-1] == "weight" and len(parts) > 1 else parts[-1]
+
+
+def group_by_block(weights: dict[str, PrunableWeight]) -> dict[int, list[PrunableWeight]]:
+    """The prunable weights of each decoder block, keyed by the block's index."""
+    by_block: dict[int, list[PrunableWeight]] = defaultdict(list)
+    for weight in weights.values():
+        by_block[weight.layer_index].append(weight)
+    return dict(by_block)

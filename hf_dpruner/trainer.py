@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -19,15 +20,15 @@ from transformers.utils import logging
 from .callbacks import DomainImportanceCallback, KeepMasksCallback
 from .config import DPrunerConfig
 from .data import CausalLMCollator, describe_source, prepare_calibration_dataset
-from .distributed import all_reduce_count, all_reduce_sum_, broadcast_from_main_, shard
+from .distributed import all_reduce_sum_, broadcast_from_main_, shard, world
 from .fingerprint import model_fingerprint, windows_fingerprint
-from .importance import DomainImportance, general_scorer, save_importance
+from .importance import DomainImportance, OBSImportance, general_scorer, save_importance
 from .importance.domain import raise_missing_gradients
 from .masks import compute_masks, sparsity_report
 from .modeling import make_pruned
 from .regularizer import GeneralImportanceRegularizer
 from .resume import ResumableDomainPass, last_complete_checkpoint
-from .step_penalty import add_step_penalty
+from .step_penalty import add_step_penalty, loss_is_scaled_for_ga
 from .targets import find_prunable_weights
 from .trainer_saving import PrunedCheckpointSaving
 
@@ -106,6 +107,9 @@ class DPrunerTrainer(PrunedCheckpointSaving, ResumableDomainPass, Trainer):
         }
         self.general_importance_path = None
         self.general_importance: dict[str, torch.Tensor] | None = None
+        # {parameter name: damping used} for the Hessians of stage 1 that needed more than cfg.damping; None when
+        # unknown (G given as a dict, or read from a cache that does not say) or when no Hessian was factorised
+        self.increased_damping: dict[str, float] | None = None
         if isinstance(general_importance, (str, os.PathLike)):
             self.general_importance_path = Path(general_importance)
             if self.general_importance_path.exists():
@@ -185,13 +189,15 @@ class DPrunerTrainer(PrunedCheckpointSaving, ResumableDomainPass, Trainer):
         scorer = general_scorer(cfg.general_estimator, cfg.damping)
         batches = self._calibration_batches(self.general_dataset)
         scores = scorer.score(self.model, self.prunable, batches, disable_tqdm=self.args.disable_tqdm)
+        self.increased_damping = scorer.increased_damping if isinstance(scorer, OBSImportance) else None
         self.general_importance = self._store_importance(scores)
         if self.general_importance_path is not None and self.args.should_save:
+            description = {"estimator": cfg.general_estimator, "num_samples": len(self.general_dataset),
+                           "seq_len": cfg.seq_len}
+            if self.increased_damping is not None:
+                description["increased_damping"] = self.increased_damping
             save_importance(
-                self.general_importance,
-                self.general_importance_path,
-                {"estimator": cfg.general_estimator, "num_samples": len(self.general_dataset), "seq_len": cfg.seq_len},
-                self.general_fingerprint(),
+                self.general_importance, self.general_importance_path, description, self.general_fingerprint()
             )
         return self.general_importance
 
@@ -240,50 +246,75 @@ class DPrunerTrainer(PrunedCheckpointSaving, ResumableDomainPass, Trainer):
         return self.domain_importance.scores
 
     def _score_domain(self) -> None:
-        """Score-only pass: gradients at W₀, refined with the regularizer's look-ahead gradient.
+        """Score-only pass: one term of S per optimizer step, from the step's gradient at W₀ refined with the
+        regularizer's look-ahead gradient, as the ``finetune`` pass gets one per optimizer step.
 
-        Each target's gradient is folded into S by a hook as soon as backward has produced it, then freed, and the
-        other parameters are frozen for the pass: no model-sized gradient buffer ever exists. The model is not
-        wrapped for data parallelism here: each process scores its share of the batches and S is summed over
-        processes at the end."""
+        A step's gradient is the sum of its micro-batch gradients, each loss normalised as `training_step` does
+        (over the step's tokens, or divided by the accumulation steps), so gradient accumulation does not change S.
+        The other parameters are frozen for the pass. Micro-batch gradients accumulate in the targets' ``.grad``;
+        on a step's last micro-batch a hook folds each target's gradient into S as soon as backward has completed
+        it, then frees it: at most one gradient per target exists, and only one at a time without accumulation.
+        The model is not wrapped for data parallelism here: under several processes each one runs its share of
+        every step, and the targets' gradients are averaged over processes (as DDP would) and folded in at the end
+        of the step, so every process builds the same S."""
         model, lr = self.model, self.args.learning_rate
         importance, regularizer = self.domain_importance, self.regularizer
         names = {id(w.weight): name for name, w in self.prunable.items()}
+        num_processes = world()[1]
         seen: set[str] = set()
+        fold_in_hook = False  # set on the last micro-batch of a step, in a single process
 
-        def fold_gradient(param: torch.Tensor) -> None:
-            name = names[id(param)]
+        def fold(name: str, param: torch.Tensor) -> None:
             scale = self._loss_scale()
             grad = param.grad if scale == 1.0 else param.grad.float() / scale
             importance.add(name, regularizer.lookahead_gradient(name, grad, lr))
             param.grad = None
+
+        def on_gradient(param: torch.Tensor) -> None:
+            name = names[id(param)]
             seen.add(name)
+            if fold_in_hook:
+                fold(name, param)
 
         frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in names]
         no_grad = [name for name, w in self.prunable.items() if not w.weight.requires_grad]
         if no_grad:
             raise_missing_gradients(no_grad)
-        hooks = [w.weight.register_post_accumulate_grad_hook(fold_gradient) for w in self.prunable.values()]
+        hooks = [w.weight.register_post_accumulate_grad_hook(on_gradient) for w in self.prunable.values()]
         model.eval()
         try:
             for p in frozen:
                 p.requires_grad_(False)
             model.zero_grad(set_to_none=True)
-            for batch in tqdm(self.get_train_dataloader(), desc="domain importance", disable=self.args.disable_tqdm):
+            loader = self.get_train_dataloader()
+            accumulation = self.args.gradient_accumulation_steps
+            micro_batches = iter(loader)
+            num_steps = math.ceil(len(loader) / accumulation)
+            for _ in tqdm(range(num_steps), desc="domain importance", disable=self.args.disable_tqdm):
+                step_batches, num_items = self.get_batch_samples(micro_batches, accumulation, self.args.device)
+                self.current_gradient_accumulation_steps = len(step_batches)
                 seen.clear()
-                with self.compute_loss_context_manager():
-                    loss = super().compute_loss(model, self._prepare_inputs(batch))
-                self.accelerator.backward(loss)
+                for i, batch in enumerate(step_batches):
+                    fold_in_hook = num_processes == 1 and i == len(step_batches) - 1
+                    with self.compute_loss_context_manager():
+                        loss = super().compute_loss(model, self._prepare_inputs(batch), num_items_in_batch=num_items)
+                    if not loss_is_scaled_for_ga(self, num_items):
+                        loss = loss / len(step_batches)
+                    self.accelerator.backward(loss)
                 if len(seen) < len(names):
                     raise_missing_gradients(sorted(set(self.prunable) - seen))
+                if num_processes > 1:
+                    for name, w in self.prunable.items():
+                        all_reduce_sum_([w.weight.grad])
+                        w.weight.grad.div_(num_processes)
+                        fold(name, w.weight)
                 importance.num_updates += 1
         finally:
             for hook in hooks:
                 hook.remove()
+            model.zero_grad(set_to_none=True)  # an interrupted step leaves no gradients behind
             for p in frozen:
                 p.requires_grad_(True)
-        all_reduce_sum_(list(importance.scores.values()))
-        importance.num_updates = all_reduce_count(importance.num_updates, self.args.device)
 
     @torch.no_grad()
     def _restore_original_weights(self) -> None:
@@ -323,6 +354,8 @@ class DPrunerTrainer(PrunedCheckpointSaving, ResumableDomainPass, Trainer):
                 **{key: name for key, name in self.data_sources.items() if name is not None},
             },
         }
+        if self.increased_damping is not None:  # {} when every Hessian factorised with cfg.damping
+            record["calibration"]["increased_damping"] = dict(self.increased_damping)
         make_pruned(self.model, masks, cfg, record, apply=True)
         seconds["masks"] = time.perf_counter() - start
         self.regularizer = None  # the pruned model is trained with the plain LM loss from here on

@@ -12,9 +12,17 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from hf_dpruner import DPrunerConfig
-from hf_dpruner.baselines import BASELINE_METHODS, prune_baseline
 from hf_dpruner.importance.sparsegpt import sparsegpt_prune
 from hf_dpruner.importance.wanda import wanda_scores
+from hf_dpruner.methods import get_method
+
+BASELINE_METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+def prune_baseline(model, method, batches=None, config=None, disable_tqdm=False):
+    """One-shot pruning with a registered method, as `prune_model` runs it after building the batches."""
+    return get_method(method).prune(model, batches, config or DPrunerConfig(), disable_tqdm=disable_tqdm)
+
 
 # ---------------------------------------------------------------- independent references
 
@@ -342,11 +350,11 @@ def test_training_mode_is_restored(model_factory, calibration_batches):
 
 def test_unknown_method_and_missing_data_errors(model_factory):
     model = model_factory("llama")
-    with pytest.raises(ValueError, match="Unknown baseline method 'obs'; valid methods: magnitude, wanda, sparsegpt"):
+    with pytest.raises(ValueError, match="Unknown pruning method 'obs'; valid: dpruner, magnitude, wanda, sparsegpt"):
         prune_baseline(model, "obs", [])
     for method in ("wanda", "sparsegpt"):
         for batches in (None, []):
-            with pytest.raises(ValueError, match=f"'{method}' baseline needs calibration batches"):
+            with pytest.raises(ValueError, match=f"'{method}' method needs calibration batches"):
                 prune_baseline(model, method, batches)
 
 

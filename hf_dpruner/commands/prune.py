@@ -15,7 +15,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from ..config import DPrunerConfig
 from ..corpora import DOMAIN_CORPORA, GENERAL_CORPUS
 from ..data import load_texts
-from ..methods import CALIBRATION_CHOICES, METHODS, prune_model
+from ..methods import CALIBRATION_CHOICES, get_method, method_names, prune_model
 from ..resume import last_complete_checkpoint
 from ..trainer import PruningResult
 from .model_args import ModelArguments, load_model
@@ -28,12 +28,10 @@ GENERAL_IMPORTANCE_NAME = "general_importance.safetensors"
 class PruneArguments:
     """What to prune and on which data."""
 
-    method: str = field(
-        default="dpruner", metadata={"help": "dpruner (default), or a peer baseline: magnitude, wanda, sparsegpt."}
-    )
+    method: str = field(default="dpruner", metadata={"help": "Pruning method (the registered ones are listed)."})
     calibration: str = field(
         default="domain",
-        metadata={"help": "Data the baselines calibrate on: 'domain' (default, their strongest setting) or "
+        metadata={"help": "Data the single-text methods calibrate on: 'domain' (default, their strongest setting) or "
                   "'general' (the classic setting). D-Pruner always uses both."},
     )
     domain: str = field(
@@ -83,13 +81,17 @@ class PruneTrainingArguments(TrainingArguments):
 def parse(argv: list[str]) -> tuple[DPrunerConfig, ModelArguments, PruneArguments, PruneTrainingArguments]:
     parser = HfArgumentParser((DPrunerConfig, ModelArguments, PruneArguments, PruneTrainingArguments),
                               prog="hf-dpruner prune")
+    for action in parser._actions:  # the choices and help of --method come from the registry of methods
+        if action.dest == "method":
+            action.choices = method_names()
+            action.help = "Pruning method: " + "; ".join(
+                f"{name} ({get_method(name).title}{', default' if name == 'dpruner' else ''})" for name in method_names()
+            ) + "."
     config, model_args, prune_args, training_args = parser.parse_args_into_dataclasses(argv)
     if not training_args.output_dir:
         parser.error("--output-dir is required.")
     if os.path.isfile(training_args.output_dir):
         parser.error(f"--output-dir {training_args.output_dir} is a file, not a folder: choose a folder path.")
-    if prune_args.method not in METHODS:
-        parser.error(f"--method must be one of {list(METHODS)}, got {prune_args.method!r}.")
     if prune_args.calibration not in CALIBRATION_CHOICES:
         parser.error(f"--calibration must be one of {list(CALIBRATION_CHOICES)}, got {prune_args.calibration!r}.")
     if prune_args.domain_data is None and prune_args.domain not in DOMAIN_CORPORA:
@@ -130,7 +132,9 @@ def main(argv: list[str]) -> int:
     model, tokenizer = load_model(model_args)
     domain_source = prune_args.domain_data or DOMAIN_CORPORA[prune_args.domain]
     general_source = prune_args.general_data or GENERAL_CORPUS
-    needs_general = prune_args.method == "dpruner" or prune_args.calibration == "general"
+    data = get_method(prune_args.method).data
+    needs_general = data == "both" or (data == "one" and prune_args.calibration == "general")
+    needs_domain = data == "both" or (data == "one" and prune_args.calibration == "domain")
     model, result = prune_model(
         model,
         tokenizer,
@@ -138,7 +142,7 @@ def main(argv: list[str]) -> int:
         config,
         training_args,
         general_texts=load_texts(general_source) if needs_general else None,
-        domain_texts=load_texts(domain_source),
+        domain_texts=load_texts(domain_source) if needs_domain else None,
         calibration=prune_args.calibration,
         general_importance=general_importance,
         resume_from_checkpoint=resume,

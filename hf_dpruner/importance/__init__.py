@@ -1,6 +1,12 @@
 """Importance scorers: one file each, all returning ``{parameter name: fp32 score tensor}`` (higher = keep)."""
 
-from .base import ImportanceScorer, importance_fingerprint, load_importance, save_importance
+from .base import (
+    ImportanceScorer,
+    importance_description,
+    importance_fingerprint,
+    load_importance,
+    save_importance,
+)
 from .domain import DomainImportance
 from .general import FisherImportance, OBSImportance, general_scorer
 from .magnitude import MagnitudeImportance
@@ -14,6 +20,7 @@ __all__ = [
     "MagnitudeImportance",
     "OBSImportance",
     "general_scorer",
+    "importance_description",
     "importance_fingerprint",
     "inverse_hessian_cholesky",
     "load_importance",

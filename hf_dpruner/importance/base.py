@@ -55,20 +55,30 @@ def save_importance(
 
 def importance_fingerprint(path: str | Path) -> dict | None:
     """The fingerprint stored by `save_importance` in `path`, ``None`` if the file has none."""
+    return _metadata_object(path, "fingerprint")
+
+
+def importance_description(path: str | Path) -> dict:
+    """The description stored by `save_importance` in `path` (``{}`` if the file has none)."""
+    return _metadata_object(path, "description") or {}
+
+
+def _metadata_object(path: str | Path, key: str) -> dict | None:
+    """The JSON object under `key` in the safetensors metadata of `path`, ``None`` if absent."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            raw = (handle.metadata() or {}).get("fingerprint")
+            raw = (handle.metadata() or {}).get(key)
     except (SafetensorError, OSError) as err:
         raise ValueError(f"Cannot read importance file {path} ({err}); delete it to recompute.") from err
     if raw is None:
         return None
     try:
-        fingerprint = json.loads(raw)
+        value = json.loads(raw)
     except json.JSONDecodeError as err:
-        raise ValueError(f"Importance file {path} has a corrupt fingerprint ({err}); delete it to recompute.") from err
-    if not isinstance(fingerprint, dict):
-        raise ValueError(f"Importance file {path} has a corrupt fingerprint; delete it to recompute.")
-    return fingerprint
+        raise ValueError(f"Importance file {path} has a corrupt {key} ({err}); delete it to recompute.") from err
+    if not isinstance(value, dict):
+        raise ValueError(f"Importance file {path} has a corrupt {key}; delete it to recompute.")
+    return value
 
 
 def load_importance(path: str | Path, weights: Mapping[str, PrunableWeight] | None = None) -> dict[str, torch.Tensor]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -10,30 +9,40 @@ from tqdm.auto import tqdm
 
 from ..distributed import all_reduce_count, all_reduce_sum_
 from ..layerwise import input_statistics, iterate_blocks
-from ..targets import PrunableWeight
+from ..targets import PrunableWeight, group_by_block
 from .base import ImportanceScorer
 from .sparsegpt import inverse_hessian_cholesky
 
 
-def obs_saliency(weight_out_in: torch.Tensor, hessian: torch.Tensor, damping: float) -> torch.Tensor:
+def obs_saliency(
+    weight_out_in: torch.Tensor,
+    hessian: torch.Tensor,
+    damping: float,
+    name: str = "a weight",
+    increased_damping: dict[str, float] | None = None,
+) -> torch.Tensor:
     """SparseGPT's per-weight saliency ``W^2 / diag(U)^2`` with ``U = chol(H^-1)`` (upper).
 
     ``diag(U)^2`` is the OBS denominator ``[H^-1]_qq`` of each column eliminated in order. Inputs that never
-    fire (zero Hessian diagonal) get a unit diagonal so the factorisation exists.
+    fire (zero Hessian diagonal) get a unit diagonal so the factorisation exists. `name`, `increased_damping`: see
+    `inverse_hessian_cholesky`.
     """
-    upper, _ = inverse_hessian_cholesky(hessian, damping)
+    upper, _ = inverse_hessian_cholesky(hessian, damping, name, increased_damping)
     return (weight_out_in.double() ** 2 / torch.diagonal(upper).unsqueeze(0) ** 2).float()
 
 
 class OBSImportance(ImportanceScorer):
     """OBS/SparseGPT saliency with ``H = (2/n) Σ x xᵀ``, one decoder block at a time (bounded memory).
 
-    Under several processes each rank passes its share of the batches; the Hessians are summed over ranks."""
+    Under several processes each rank passes its share of the batches; the Hessians are summed over ranks.
+    After `score`, `increased_damping` maps each weight whose Hessian needed more than `damping` to the damping
+    used (empty when none did)."""
 
     name = "obs"
 
     def __init__(self, damping: float = 0.01) -> None:
         self.damping = damping
+        self.increased_damping: dict[str, float] = {}
 
     @torch.no_grad()
     def score(
@@ -43,10 +52,9 @@ class OBSImportance(ImportanceScorer):
         batches: Sequence[dict[str, torch.Tensor]],
         disable_tqdm: bool = False,
     ) -> dict[str, torch.Tensor]:
-        by_block: dict[int, list[PrunableWeight]] = defaultdict(list)
-        for weight in weights.values():
-            by_block[weight.layer_index].append(weight)
+        by_block = group_by_block(weights)
         scores: dict[str, torch.Tensor] = {}
+        self.increased_damping = {}
         for step in iterate_blocks(model, batches, desc="general importance (OBS)", disable_tqdm=disable_tqdm):
             targets = by_block.get(step.index, [])
             statistics = input_statistics(step, targets, batches, gram=True)
@@ -54,7 +62,9 @@ class OBSImportance(ImportanceScorer):
             for w in targets:
                 gram, count = statistics[w.name]
                 count = all_reduce_count(count, gram.device)
-                saliency = obs_saliency(w.as_out_in(w.weight.detach()), gram * (2.0 / count), self.damping)
+                saliency = obs_saliency(
+                    w.as_out_in(w.weight.detach()), gram * (2.0 / count), self.damping, w.name, self.increased_damping
+                )
                 scores[w.name] = saliency.t().contiguous() if w.input_dim == 0 else saliency
         return scores
 

@@ -11,19 +11,30 @@ the block at once and beyond it lazily, one matrix product per block.
 from __future__ import annotations
 
 import torch
+from transformers.utils import logging
 
 from ..config import parse_n_m
 from ..masks import lowest_k_mask, topk_mask
 
+logger = logging.get_logger(__name__)
+
 BLOCK_SIZE = 128
 
 
-def inverse_hessian_cholesky(hessian: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+
+def inverse_hessian_cholesky(
+    hessian: torch.Tensor,
+    damping: float,
+    name: str = "a weight",
+    increased_damping: dict[str, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor ``U`` of ``(H + λI)⁻¹`` (fp64) and the boolean mask of dead inputs.
 
-    ``λ = damping · mean(diag(H))``, multiplied by 10 up to four times if the factorisation fails. Dead inputs
-    (zero diagonal: they never fired on the calibration data) get a unit diagonal so the factorisation exists;
-    their rows and columns of H are zero, so they exchange no compensation with the other inputs.
+    ``λ = damping · mean(diag(H))``, multiplied by 10 up to four times if the factorisation fails; then a warning
+    names the weight (`name`, its parameter name) and the damping used, also recorded as
+    ``increased_damping[name]`` when a dict is given. Dead inputs (zero diagonal: they never fired on the
+    calibration data) get a unit diagonal so the factorisation exists; their rows and columns of H are zero, so they
+    exchange no compensation with the other inputs.
     """
     h = hessian.detach().double().clone()
     diag = torch.diagonal(h)
@@ -32,14 +43,23 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damping: float) -> tuple[tor
     eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     mean_diag = diag.mean()
     for attempt in range(5):
-        chol, info = torch.linalg.cholesky_ex(h + damping * 10**attempt * mean_diag * eye)
+        used = damping * 10**attempt
+        chol, info = torch.linalg.cholesky_ex(h + used * mean_diag * eye)
         if info == 0:
             upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
             if info == 0:
+                if attempt:
+                    logger.warning(
+                        f"The calibration Hessian of {name} is not positive definite with damping {damping:g}; "
+                        f"damping {used:g} (x{10**attempt}) was used instead, so its importance and weight updates "
+                        "rest on a more damped, less accurate Hessian."
+                    )
+                    if increased_damping is not None:
+                        increased_damping[name] = used
                 return upper, dead
     raise ValueError(
-        "The calibration Hessian is not positive definite even with 10000x damping; check the calibration data "
-        "for NaN/Inf activations."
+        f"The calibration Hessian of {name} is not positive definite even with damping {damping * 10**4:g} "
+        f"(10000x {damping:g}); check the calibration data for NaN/Inf activations."
     )
 
 
@@ -51,6 +71,8 @@ def sparsegpt_prune(
     sparsity_type: str = "unstructured",
     damping: float = 0.01,
     block_size: int = BLOCK_SIZE,
+    name: str = "a weight",
+    increased_damping: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune and reconstruct one weight; returns ``(new weight, keep-mask)``, both (out, in) like `weight`.
 
@@ -64,6 +86,8 @@ def sparsegpt_prune(
             inputs of a row, chosen when the group's first column is reached.
         damping: fraction of the mean Hessian diagonal added to the diagonal (`DPrunerConfig.damping`).
         block_size: columns per block (rounded down to a multiple of M for N:M).
+        name, increased_damping: the weight's parameter name, for the warning when its Hessian needs more damping,
+            and a dict that then records the damping used (see `inverse_hessian_cholesky`).
 
     Pruned entries of the returned weight are exactly 0; it has the dtype of `weight` (computed in fp32).
     Inputs that never fired cost nothing to prune on the calibration data: their saliency is 0, so they are
@@ -84,7 +108,7 @@ def sparsegpt_prune(
     elif not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}.")
 
-    upper, dead = inverse_hessian_cholesky(hessian, damping)
+    upper, dead = inverse_hessian_cholesky(hessian, damping, name, increased_damping)
     upper = upper.to(device=weight.device, dtype=torch.float32)
     alive = (~dead).to(device=weight.device, dtype=torch.float32)
     inv_d2 = alive / torch.diagonal(upper) ** 2  # saliency = w² · inv_d2, 0 for dead inputs
