@@ -6,6 +6,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -17,6 +18,13 @@ from transformers.utils import logging
 from .fingerprint import differing_parts, digest, training_fingerprint
 from .importance import importance_description, importance_fingerprint, load_importance
 
+if TYPE_CHECKING:
+    from transformers import TrainerState, TrainingArguments
+
+    from .config import DPrunerConfig
+    from .importance import DomainImportance
+    from .targets import PrunableWeight
+
 logger = logging.get_logger(__name__)
 
 DOMAIN_STATE_NAME = "dpruner_domain_state.safetensors"
@@ -25,8 +33,18 @@ DOMAIN_STATE_NAME = "dpruner_domain_state.safetensors"
 class ResumableDomainPass:
     """`DPrunerTrainer`'s stage outputs as checkpoints: G caches carry the fingerprint of what they were computed
     from, and every Trainer checkpoint of the domain pass also holds S, its step count and the run's fingerprint.
-    Expects the trainer's ``fingerprints``, ``prunable``, ``dpruner_config`` and ``domain_importance``; reading a G
-    cache sets ``increased_damping`` from it."""
+    Mixed into `DPrunerTrainer` (a `transformers.Trainer`), whose attributes below it relies on; reading a G cache
+    sets ``increased_damping`` from it."""
+
+    # set by DPrunerTrainer.__init__ and its stages
+    dpruner_config: DPrunerConfig
+    prunable: dict[str, PrunableWeight]
+    fingerprints: dict[str, str | None]
+    domain_importance: DomainImportance | None
+    increased_damping: dict[str, float] | None
+    # from transformers.Trainer
+    args: TrainingArguments
+    state: TrainerState
 
     def general_fingerprint(self) -> dict[str, str | None]:
         """What G depends on: the model, the general windows and the general-stage settings."""

@@ -19,7 +19,7 @@ from transformers.utils import logging
 
 from .callbacks import DomainImportanceCallback, KeepMasksCallback
 from .config import DPrunerConfig
-from .data import CausalLMCollator, describe_source, prepare_calibration_dataset
+from .data import describe_source, prepare_calibration_dataset
 from .distributed import all_reduce_sum_, broadcast_from_main_, shard, world
 from .fingerprint import model_fingerprint, windows_fingerprint
 from .importance import DomainImportance, OBSImportance, general_scorer, save_importance
@@ -31,6 +31,7 @@ from .resume import ResumableDomainPass, last_complete_checkpoint
 from .step_penalty import add_step_penalty, loss_is_scaled_for_ga
 from .targets import find_prunable_weights
 from .trainer_saving import PrunedCheckpointSaving
+from .trainer_setup import calibration_trainer_inputs
 
 logger = logging.get_logger(__name__)
 
@@ -62,42 +63,31 @@ class DPrunerTrainer(PrunedCheckpointSaving, ResumableDomainPass, Trainer):
         self,
         model=None,
         args=None,
-        dpruner_config: DPrunerConfig | None = None,
-        train_dataset=None,
-        general_dataset=None,
-        processing_class=None,
-        general_importance: Mapping[str, torch.Tensor] | str | os.PathLike | None = None,
         data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        *trainer_args,
+        dpruner_config: DPrunerConfig | None = None,
+        general_dataset=None,
+        general_importance: Mapping[str, torch.Tensor] | str | os.PathLike | None = None,
         **kwargs,
     ) -> None:
         self.dpruner_config = dpruner_config if dpruner_config is not None else DPrunerConfig()
         cfg = self.dpruner_config
-        if model is None:
-            raise ValueError("DPrunerTrainer needs `model=` (model_init is not supported: pruning acts on one model).")
-        prunable = find_prunable_weights(model, cfg.target_modules)  # fail fast, before tokenizing data
-        seed = args.seed if args is not None else 42
-        self.data_sources = {
-            "general_data": describe_source(general_dataset), "domain_data": describe_source(train_dataset)
-        }
-        if train_dataset is not None:
-            train_dataset = prepare_calibration_dataset(
-                train_dataset, processing_class, cfg.seq_len, cfg.num_samples, seed, "domain data (train_dataset)"
-            )
+        prunable = find_prunable_weights(model, cfg.target_modules) if model is not None else {}  # fail fast
+        train_dataset, data_collator, domain_source = calibration_trainer_inputs(
+            "DPrunerTrainer", model, args, data_collator, train_dataset, processing_class, cfg.seq_len,
+            cfg.num_samples, "domain data (train_dataset)",
+        )
+        self.data_sources = {"general_data": describe_source(general_dataset), "domain_data": domain_source}
         if general_dataset is not None:
+            seed = args.seed if args is not None else 42
             general_dataset = prepare_calibration_dataset(
                 general_dataset, processing_class, cfg.seq_len, cfg.num_samples, seed, "general data"
             )
-        if data_collator is None:
-            pad_id = getattr(processing_class, "pad_token_id", None)
-            data_collator = CausalLMCollator(pad_id)
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            processing_class=processing_class,
-            **kwargs,
-        )
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *trainer_args,
+                         **kwargs)
         self.general_dataset = general_dataset
         self.prunable = prunable
         self.fingerprints = {

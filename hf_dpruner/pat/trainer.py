@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, Trainer
 from transformers.utils import logging
 
-from ..data import CausalLMCollator, describe_source, prepare_calibration_dataset
 from ..step_penalty import add_step_penalty
+from ..trainer_setup import calibration_trainer_inputs
 from .config import PATConfig
 from .export import export_pat_model
 from .modules import get_pat_model, get_pat_modules
@@ -41,16 +41,20 @@ class PATTrainer(Trainer):
         self,
         model=None,
         args=None,
-        pat_config: PATConfig | None = None,
-        train_dataset=None,
-        processing_class=None,
         data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        *trainer_args,
+        pat_config: PATConfig | None = None,
         seq_len: int = 256,
         num_samples: int = 1024,
         **kwargs,
     ) -> None:
-        if model is None:
-            raise ValueError("PATTrainer needs `model=` (model_init is not supported).")
+        train_dataset, data_collator, self.data_source = calibration_trainer_inputs(
+            "PATTrainer", model, args, data_collator, train_dataset, processing_class, seq_len, num_samples,
+            "training data (train_dataset)",
+        )
         existing = get_pat_modules(model, required=False)
         if existing is not None and pat_config is not None and existing.config != pat_config:
             raise ValueError("The model was prepared with a different PATConfig; pass that one or none.")
@@ -58,16 +62,8 @@ class PATTrainer(Trainer):
         if existing is None:
             model = get_pat_model(model, self.pat_config)
         self.pat = get_pat_modules(model)
-        seed = args.seed if args is not None else 42
-        self.data_source = describe_source(train_dataset)
-        if train_dataset is not None:
-            train_dataset = prepare_calibration_dataset(
-                train_dataset, processing_class, seq_len, num_samples, seed, "training data (train_dataset)"
-            )
-        if data_collator is None:
-            data_collator = CausalLMCollator(getattr(processing_class, "pad_token_id", None))
-        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-                         processing_class=processing_class, **kwargs)
+        super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *trainer_args,
+                         **kwargs)
         self._pat_terms: dict[str, float] = {}
 
     def create_optimizer(self, model=None):
