@@ -23,9 +23,9 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:  # run as a script or loaded by path from the tests
     sys.path.insert(0, str(_HERE))
-from _meta import finish_metadata, start_metadata  # noqa: E402
-
 from hf_dpruner.methods import method_names  # noqa: E402
+
+from _meta import finish_metadata, start_metadata  # noqa: E402
 
 # every registered method, D-Pruner last, then D-Pruner with its general importance cached (the cost for a second
 # domain); "dense" is the unpruned reference
@@ -102,7 +102,8 @@ def goals(rows: list[dict]) -> list[str]:
         direction = "lower" if domain_gain >= 0 else "higher"
         lines.append(f"- {domain} {sparsity}: domain ppl {abs(domain_gain):.1%} {direction} than the best peer "
                      f"({peer['method']}; goal >= +5%: {'met' if domain_gain >= 0.05 else 'MISSED'}); general ppl "
-                     f"{general_loss:+.1%} vs the better peer (goal <= +5%: {'met' if general_loss <= 0.05 else 'MISSED'})"
+                     f"{general_loss:+.1%} vs the better peer "
+                     f"(goal <= +5%: {'met' if general_loss <= 0.05 else 'MISSED'})"
                      f"; time {time_ratio:.2f}x SparseGPT (goal <= 2.5x: {'met' if time_ratio <= 2.5 else 'MISSED'})")
         if "dpruner-cached" in by:
             cached = by["dpruner-cached"]["prune_seconds"] / by["sparsegpt"]["prune_seconds"]
@@ -136,7 +137,7 @@ def plots(rows: list[dict], out: Path, mode: str) -> list[Path]:
     written = []
     domains = sorted({r["domain"] for r in rows})
     fig, axes = plt.subplots(1, len(domains), figsize=(6 * len(domains), 4.5), squeeze=False)
-    for ax, domain in zip(axes[0], domains):
+    for ax, domain in zip(axes[0], domains, strict=False):
         for r in (r for r in rows if r["domain"] == domain):
             ax.scatter(r["general_ppl"], r["domain_ppl"], label=f"{r['method']} {r['sparsity']}")
         ax.set(xscale="log", yscale="log", xlabel="general perplexity", ylabel=f"{domain} perplexity",
@@ -149,13 +150,14 @@ def plots(rows: list[dict], out: Path, mode: str) -> list[Path]:
     unstructured = sorted({r["sparsity"] for r in rows if ":" not in r["sparsity"]}, key=float)
     if len(unstructured) > 1:
         fig, axes = plt.subplots(1, len(domains), figsize=(6 * len(domains), 4.5), squeeze=False)
-        for ax, domain in zip(axes[0], domains):
+        for ax, domain in zip(axes[0], domains, strict=False):
             for method in METHODS[1:]:
                 points = sorted((float(r["sparsity"]), r["domain_ppl"]) for r in rows
                                 if r["domain"] == domain and r["method"] == method and ":" not in r["sparsity"])
                 if points:
-                    ax.plot(*zip(*points), marker="o", label=method)
-            ax.set(yscale="log", xlabel="sparsity", ylabel=f"{domain} perplexity", title=f"{domain} perplexity vs sparsity")
+                    ax.plot(*zip(*points, strict=False), marker="o", label=method)
+            ax.set(yscale="log", xlabel="sparsity", ylabel=f"{domain} perplexity",
+                   title=f"{domain} perplexity vs sparsity")
             ax.legend(fontsize=7)
         fig.tight_layout()
         written.append(out / f"{mode}_ppl_vs_sparsity.png")

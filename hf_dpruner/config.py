@@ -176,7 +176,8 @@ class DPrunerConfig(RecipeConfig):
             try:
                 self.layer_sparsity = json.loads(self.layer_sparsity)
             except json.JSONDecodeError as err:
-                raise ValueError(f"layer_sparsity must be a JSON object such as '{{\"down_proj\": 0.3}}': {err}.") from err
+                example = '{"down_proj": 0.3}'
+                raise ValueError(f"layer_sparsity must be a JSON object such as '{example}': {err}.") from err
         if self.layer_sparsity is not None:
             if not isinstance(self.layer_sparsity, dict):
                 raise TypeError(f"layer_sparsity must be a dict of regex -> ratio, got {type(self.layer_sparsity)}.")

@@ -17,8 +17,8 @@ C = TypeVar("C", bound="RecipeConfig")
 
 class RecipeConfig:
     """Mixin for a recipe dataclass. Subclasses set `config_name` (the file), `record_keys` (the keys that
-    `save_pretrained` may add beside the recipe) and `missing_hint` / `remedy` / `invalid_remedy` (error messages), and may override
-    `check_record` to type-check the record keys."""
+    `save_pretrained` may add beside the recipe) and `missing_hint` / `remedy` / `invalid_remedy` (error messages),
+    and may override `check_record` to type-check the record keys."""
 
     config_name: ClassVar[str]
     record_keys: ClassVar[tuple[str, ...]] = ()

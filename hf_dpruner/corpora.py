@@ -28,7 +28,6 @@ from transformers.utils import logging
 from .resources import cache_dir
 from .utils import file_sha256, replacing_folder
 
-
 logger = logging.get_logger(__name__)
 
 EVAL_FRACTION = 0.1

@@ -13,7 +13,6 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .lm_eval_bridge import run_lm_eval
 
-
 __all__ = ["perplexity", "run_lm_eval"]
 
 

@@ -69,7 +69,7 @@ class BlockStep:
     @torch.no_grad()
     def forward(self) -> list[torch.Tensor]:
         outputs = []
-        for hidden, (args, kwargs) in zip(self.hidden, self.calls):
+        for hidden, (args, kwargs) in zip(self.hidden, self.calls, strict=False):
             out: Any = self.block(hidden, *args, **kwargs)
             outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
         return outputs

@@ -21,7 +21,6 @@ from transformers.utils import logging
 from .corpora import MMLU_SUBJECTS, prepare_corpus
 from .resources import cache_dir
 
-
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
 

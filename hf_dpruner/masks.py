@@ -14,8 +14,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .config import DPrunerConfig
-from .utils import file_sha256
 from .targets import PrunableWeight, module_type
+from .utils import file_sha256
 
 MASKS_NAME = "pruning_masks.safetensors"
 _NON_FINITE_REMEDY = (

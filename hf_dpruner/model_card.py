@@ -11,8 +11,8 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 
-from .version import __version__
 from .config import PRUNING_CONFIG_NAME, RECORD_KEYS, read_pruning_record
+from .version import __version__
 
 CARD_NAME = "README.md"
 EVAL_RESULTS_NAME = "eval_results.json"

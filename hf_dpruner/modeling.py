@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import CommitInfo
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, PreTrainedModel
-from huggingface_hub import CommitInfo
 
-from .version import __version__
 from .config import PRUNING_CONFIG_NAME, DPrunerConfig, config_from_record, read_pruning_record
 from .hub import local_checkpoint, push_folder_to_hub
 from .masks import (
@@ -28,6 +27,7 @@ from .masks import (
 )
 from .model_card import CARD_NAME, EVAL_RESULTS_NAME, write_model_card
 from .utils import file_sha256, replacing_folder
+from .version import __version__
 
 # Files of a previous save that would be stale beside the new ones: weights of another sharding or format,
 # evaluation results of the previous weights, and the training arguments that transformers' Trainer pickles.
@@ -89,7 +89,8 @@ class PrunedModelMixin:
         when given, in one atomic replacement of the folder (`replacing_folder`): a failed or interrupted save leaves
         the folder as it was, and files of the folder that the save does not write (``.git``, a README of yours,
         tokenizer files) are kept. `training_args` (a `TrainingArguments`) is written as ``training_args.json``.
-        Only safetensors, JSON and text are written. A README that hf_dpruner did not write is kept unless `overwrite_card`.
+        Only safetensors, JSON and text are written. A README that hf_dpruner did not write is kept unless
+        `overwrite_card`.
         ``push_to_hub=True`` then uploads the folder (``repo_id=`` defaults to its name)."""
         target = Path(save_directory)
         if target.exists() and not target.is_dir():

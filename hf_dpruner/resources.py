@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from transformers.utils import logging
-from .utils import file_sha256, replacing_folder
 
+from .utils import file_sha256, replacing_folder
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase

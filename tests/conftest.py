@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random causal LMs (seeded) and random token windows."""
+"""Fixtures: tiny random causal LMs (seeded), random token windows, a tiny model folder. The helpers behind them are
+in testing_utils.py."""
 
 from __future__ import annotations
 
@@ -6,64 +7,18 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    PreTrainedModel,
-    Qwen2Config,
-    Qwen2ForCausalLM,
+from transformers import PreTrainedModel
+
+import hf_dpruner.hub
+
+from testing_utils import (
+    ARCHS,
+    FakeHfApi,
+    build_tiny,
+    make_batches,
+    make_windows,
+    save_tiny_model_folder,
 )
-
-VOCAB = 128
-
-_DECODER_KWARGS = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=VOCAB,
-    max_position_embeddings=64,
-)
-
-
-def build_tiny(arch: str, seed: int = 0, **overrides) -> PreTrainedModel:
-    """A tiny randomly initialised causal LM (`arch` in llama, mistral, qwen2, gpt2), deterministic per seed."""
-    torch.manual_seed(seed)
-    if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**{**_DECODER_KWARGS, **overrides}))
-    elif arch == "mistral":
-        model = MistralForCausalLM(MistralConfig(**{**_DECODER_KWARGS, **overrides}))
-    elif arch == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**{**_DECODER_KWARGS, **overrides}))
-    elif arch == "gpt2":
-        kwargs = dict(
-            n_embd=64, n_layer=2, n_head=4, n_positions=64, vocab_size=VOCAB, n_inner=128,
-            bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
-        )
-        model = GPT2LMHeadModel(GPT2Config(**{**kwargs, **overrides}))
-    else:
-        raise ValueError(f"unknown tiny architecture {arch!r}")
-    return model.eval()
-
-
-def make_windows(n: int, length: int = 16, seed: int = 0, low: int = 0, high: int = VOCAB) -> torch.Tensor:
-    """`n` random token windows of `length` tokens, shape (n, length), int64."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(low, high, (n, length), generator=generator)
-
-
-def make_batches(n_batches: int = 2, batch_size: int = 2, length: int = 16, seed: int = 0) -> list[dict]:
-    """Calibration batches ``[{"input_ids": (batch_size, length)}]``."""
-    ids = make_windows(n_batches * batch_size, length, seed)
-    return [{"input_ids": ids[i * batch_size : (i + 1) * batch_size]} for i in range(n_batches)]
-
-
-ARCHS = ("llama", "mistral", "qwen2", "gpt2")
 
 
 @pytest.fixture
@@ -108,3 +63,19 @@ def random_windows() -> Callable[..., torch.Tensor]:
 def calibration_batches() -> Callable[..., list[dict]]:
     """``calibration_batches(n_batches=2, batch_size=2, length=16, seed=0)`` -> list of input_ids dicts."""
     return make_batches
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A tiny Llama and its word-level tokenizer saved in a folder."""
+    folder = tmp_path / "tiny"
+    save_tiny_model_folder(folder)
+    return folder
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    FakeHfApi.calls = []
+    monkeypatch.setattr(hf_dpruner.hub, "HfApi", FakeHfApi)
+    monkeypatch.setattr(hf_dpruner.hub, "get_token", lambda: "hf_test_token")
+    return FakeHfApi.calls

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cli_and_data import text, tiny_model_dir  # noqa: F401 (fixture)
+
+from testing_utils import text
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_trainer import make_trainer
 
 from hf_dpruner import DPrunerConfig
 from hf_dpruner.importance import DomainImportance
 from hf_dpruner.importance.domain import stochastic_add_
 from hf_dpruner.regularizer import GeneralImportanceRegularizer
 from hf_dpruner.targets import find_prunable_weights
-from conftest import build_tiny
+
+from testing_utils import build_tiny, make_trainer
 
 
 def test_stochastic_rounding_keeps_a_long_bfloat16_sum_growing():
@@ -214,7 +214,8 @@ def test_penalty_gradient_added_in_hooks_trains_like_the_penalty_in_the_loss_gra
     loss (which holds every penalty gradient until the LM gradients arrive) must train to the same weights."""
     from hf_dpruner import DPrunerTrainer
     from hf_dpruner.step_penalty import add_step_penalty
-    from test_trainer import tiny_llama, training_args, windows
+
+    from testing_utils import tiny_llama, training_args, windows
 
     class PenaltyInGraph(DPrunerTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -7,40 +7,18 @@ import math
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from hf_dpruner import AutoPrunedModelForCausalLM
 from hf_dpruner.commands.cli import main
 from hf_dpruner.data import build_windows, load_texts
 from hf_dpruner.evaluation import perplexity
 
-WORDS = [f"w{i}" for i in range(120)]
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {word: i for i, word in enumerate(WORDS)} | {"[UNK]": 120, "</s>": 121}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="[UNK]", pad_token="</s>")
-
-
-def text(seed: int, n: int = 60) -> str:
-    generator = torch.Generator().manual_seed(seed)
-    return " ".join(WORDS[i] for i in torch.randint(0, 120, (n,), generator=generator).tolist())
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=128,
-    )
-    folder = tmp_path / "tiny"
-    LlamaForCausalLM(config).save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    return folder
+from testing_utils import text, word_tokenizer
 
 
 def test_cli_prune_writes_checkpoint_and_summary(tiny_model_dir, tmp_path, capsys):

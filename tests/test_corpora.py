@@ -11,7 +11,6 @@ import pytest
 
 from hf_dpruner import corpora
 
-
 MEDLINE_XML = """<?xml version="1.0" encoding="utf-8"?>
 <PubmedArticleSet>
   <PubmedArticle><MedlineCitation><PMID Version="1">111</PMID><Article>
@@ -68,7 +67,8 @@ def test_medline_archive_streams_one_member(tmp_path):
 
 
 def test_strip_front_matter():
-    text = "---\nkey: mit\nnotes: |\n    some --- note\n    ---\n---\n\nPermission is hereby granted.\n\nTHE SOFTWARE.\n"
+    text = ("---\nkey: mit\nnotes: |\n    some --- note\n    ---\n---\n\n"
+            "Permission is hereby granted.\n\nTHE SOFTWARE.\n")
     assert corpora.strip_front_matter(text) == "Permission is hereby granted.\n\nTHE SOFTWARE."
     assert corpora.strip_front_matter("No front matter.\n---\n") == "No front matter.\n---"
     assert corpora.strip_front_matter("---\nkey: empty\n---\n") == ""

@@ -9,12 +9,12 @@ import logging
 
 import pytest
 import torch
-from conftest import build_tiny
-from test_trainer import make_trainer, training_args, windows
 
 from hf_dpruner import DPrunerConfig
 from hf_dpruner.importance import inverse_hessian_cholesky, sparsegpt_prune
 from hf_dpruner.importance.general import obs_saliency
+
+from testing_utils import build_tiny, make_trainer, training_args, windows
 
 NAME = "model.layers.0.mlp.down_proj.weight"
 # eigenvalues -0.5 and 2.5, mean diagonal 1: damping 0.01 and 0.1 of the mean diagonal fail, 1.0 succeeds
@@ -109,9 +109,9 @@ def test_fisher_general_importance_factorises_nothing_and_records_nothing(tmp_pa
 
 
 def test_sparsegpt_run_records_raised_damping(tmp_path):
-    from test_trainer import _word_tokenizer
-
     from hf_dpruner.methods import prune_model
+
+    from testing_utils import small_word_tokenizer as _word_tokenizer
 
     texts = [" ".join(f"w{(i * 7 + j) % 100}" for j in range(40)) for i in range(4)]
     config = DPrunerConfig(sparsity=0.5, damping=1e-7, seq_len=16, num_samples=2)

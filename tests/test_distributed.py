@@ -36,7 +36,8 @@ def test_two_processes_give_the_masks_of_one(tmp_path, domain_pass, estimator):
     _run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
           str(SCRIPT), "two", domain_pass, "1", estimator], tmp_path)
-    one, two = load_masks(tmp_path / "one/pruning_masks.safetensors"), load_masks(tmp_path / "two/pruning_masks.safetensors")
+    one = load_masks(tmp_path / "one/pruning_masks.safetensors")
+    two = load_masks(tmp_path / "two/pruning_masks.safetensors")
     assert sorted(one) == sorted(two) and len(one) == 14  # 7 linears x 2 blocks
     for name in one:
         assert torch.equal(one[name], two[name]), name  # bit for bit
@@ -66,7 +67,8 @@ def test_shard_gives_each_rank_every_nth_batch_and_refuses_too_few(monkeypatch):
 
 def test_an_uneven_domain_split_is_refused_before_the_general_stage(tmp_path, monkeypatch):
     from accelerate import Accelerator
-    from test_trainer import make_trainer
+
+    from testing_utils import make_trainer
 
     trainer = make_trainer(tmp_path)  # 8 domain windows in batches of 2
     monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 3))

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_trainer import make_trainer, training_args, windows
 
 from hf_dpruner import DPrunerConfig
+
+from testing_utils import make_trainer, training_args, windows
 
 
 def _scores(tmp_path, domain_pass: str, batch: int, accumulation: int, loss_kwargs: bool = True, n: int = 4):

@@ -23,14 +23,15 @@ import transformers.modeling_utils
 
 import hf_dpruner.masks
 import hf_dpruner.utils
-from conftest import build_tiny
 from hf_dpruner import DPrunerConfig, make_pruned
 from hf_dpruner.importance import MagnitudeImportance
 from hf_dpruner.masks import compute_masks
 from hf_dpruner.pat import PATConfig, export_pat_model, get_pat_model
 from hf_dpruner.pat.modules import get_pat_modules
 from hf_dpruner.targets import find_prunable_weights
-from hf_dpruner.utils import replacing_folder, repair_folder
+from hf_dpruner.utils import repair_folder, replacing_folder
+
+from testing_utils import build_tiny
 
 
 class Crash(BaseException):

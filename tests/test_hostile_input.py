@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_tiny
 from datasets import Dataset
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -24,14 +23,28 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 import hf_dpruner
-from hf_dpruner import AutoPrunedModelForCausalLM, DPrunerConfig, DPrunerTrainer, make_pruned
+from hf_dpruner import (
+    AutoPrunedModelForCausalLM,
+    DPrunerConfig,
+    DPrunerTrainer,
+    make_pruned,
+)
 from hf_dpruner.config import PRUNING_CONFIG_NAME, RECORD_KEYS
 from hf_dpruner.hub import push_folder_to_hub
 from hf_dpruner.importance import MagnitudeImportance, load_importance, save_importance
-from hf_dpruner.masks import MASKS_NAME, compute_mask, compute_masks, load_masks, pack_mask, save_masks
+from hf_dpruner.masks import (
+    MASKS_NAME,
+    compute_mask,
+    compute_masks,
+    load_masks,
+    pack_mask,
+    save_masks,
+)
 from hf_dpruner.modeling import attach_checkpoint_masks
 from hf_dpruner.regularizer import GeneralImportanceRegularizer
 from hf_dpruner.targets import find_prunable_weights
+
+from testing_utils import build_tiny
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 UP_PROJ = "model.layers.0.mlp.up_proj.weight"

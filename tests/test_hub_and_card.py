@@ -5,40 +5,26 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import LocalTokenNotFoundError
-from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
-from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub.repocard_data import (
+    eval_results_to_model_index,
+    model_index_to_eval_results,
+)
 
 import hf_dpruner.hub as hub
-from hf_dpruner import AutoPrunedModelForCausalLM, DPrunerConfig, make_pruned
+from hf_dpruner import AutoPrunedModelForCausalLM
 from hf_dpruner.commands.cli import main as cli_main
-from hf_dpruner.masks import compute_masks
 from hf_dpruner.model_card import build_model_card, write_model_card
-from hf_dpruner.targets import find_prunable_weights
 
-from conftest import build_tiny
-from test_cli_and_data import text, tiny_model_dir, word_tokenizer  # noqa: F401 (fixture)
+from testing_utils import CALIBRATION, build_tiny, pruned_tiny, text, word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-CALIBRATION = {"general_samples": 4, "domain_samples": 4, "seq_len": 64, "domain_steps": 2,
-               "general_data": "general", "domain_data": "medical"}
-
-
-def pruned_tiny(base_model="HuggingFaceTB/SmolLM2-135M-Instruct", sparsity=0.5, **config):
-    model = build_tiny("llama")
-    weights = find_prunable_weights(model, None)
-    cfg = DPrunerConfig(sparsity=sparsity, **config)
-    masks = compute_masks({n: w.weight.detach().abs() for n, w in weights.items()}, weights, cfg)
-    record = {"method": "dpruner", "base_model": base_model, "calibration": dict(CALIBRATION)}
-    return make_pruned(model, masks, cfg, record, apply=True)
-
-
 def eval_results(general=61.5, domain=33.25):
     return {
         "settings": {"seq_len": 128, "stride": 128, "max_tokens": 2048, "general_data": "general",
@@ -149,38 +135,6 @@ def test_cli_prune_then_eval_puts_the_measured_perplexities_into_the_card(tiny_m
 
 
 # ---- upload ----
-
-class FakeHfApi:
-    """Records what would be sent to the Hub; `upload_folder` captures the files it would upload."""
-
-    calls: list = []
-
-    def __init__(self, token=None):
-        self.token = token
-
-    def create_repo(self, repo_id, private=None, exist_ok=False, repo_type=None):
-        FakeHfApi.calls.append(("create_repo", repo_id, private, exist_ok))
-        return type("RepoUrl", (), {"repo_id": repo_id})()
-
-    def create_branch(self, repo_id, branch, exist_ok=False):
-        FakeHfApi.calls.append(("create_branch", repo_id, branch))
-
-    def upload_folder(self, repo_id, folder_path, commit_message, revision=None, ignore_patterns=None, **kwargs):
-        folder = Path(folder_path)
-        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-        uploaded = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
-        FakeHfApi.calls.append(("upload_folder", repo_id, uploaded, commit_message, revision, self.token,
-                                (folder / "README.md").read_text()))
-        return type("CommitInfo", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
-
-
-@pytest.fixture
-def fake_hub(monkeypatch):
-    FakeHfApi.calls = []
-    monkeypatch.setattr(hub, "HfApi", FakeHfApi)
-    monkeypatch.setattr(hub, "get_token", lambda: "hf_test_token")
-    return FakeHfApi.calls
-
 
 def saved_checkpoint(folder: Path) -> Path:
     pruned_tiny().save_pretrained(folder)

@@ -32,7 +32,8 @@ def top_level_imports(path: Path, modules: set[str]) -> set[str]:
             if isinstance(node, ast.If) and _is_type_checking(node):
                 continue
             if isinstance(node, (ast.If, ast.Try)):
-                visit(node.body + getattr(node, "orelse", []) + [s for h in getattr(node, "handlers", []) for s in h.body])
+                handlers = [s for h in getattr(node, "handlers", []) for s in h.body]
+                visit(node.body + getattr(node, "orelse", []) + handlers)
             elif isinstance(node, ast.Import):
                 found.update(alias.name for alias in node.names if alias.name.startswith("hf_dpruner"))
             elif isinstance(node, ast.ImportFrom):

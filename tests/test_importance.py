@@ -22,7 +22,6 @@ from hf_dpruner.layerwise import iterate_blocks
 from hf_dpruner.regularizer import GeneralImportanceRegularizer
 from hf_dpruner.targets import PrunableWeight, decoder_layers, find_prunable_weights
 
-
 # ---------------------------------------------------------------- OBS
 
 
@@ -79,7 +78,8 @@ def _capture_linear_inputs(model, weights, batches) -> dict[str, torch.Tensor]:
     captured: dict[str, list[torch.Tensor]] = defaultdict(list)
     handles = [
         w.module.register_forward_hook(
-            lambda module, args, output, name=name: captured[name].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+            lambda module, args, output, name=name: captured[name].append(
+                args[0].detach().reshape(-1, args[0].shape[-1]))
         )
         for name, w in weights.items()
     ]
@@ -139,9 +139,9 @@ def _check_replay(model, batches):
     full = _full_forward_block_outputs(model, batches)
     replay = _replay_block_outputs(model, batches)
     assert len(replay) == len(full) == model.config.num_hidden_layers
-    for layer, (a, b) in enumerate(zip(full, replay)):
+    for layer, (a, b) in enumerate(zip(full, replay, strict=False)):
         assert len(a) == len(b) == len(batches)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=False):
             torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=f"layer {layer}")
 
 

@@ -41,7 +41,7 @@ ROWS = {"medical": make_rows("medical", 12, seed=1), "legal": make_rows("legal",
 
 def expected_prompt(row: dict) -> str:
     """The MMLU-paper prompt, written out independently of the bridge."""
-    options = "".join(f"{letter}. {choice}\n" for letter, choice in zip(LETTERS, row["choices"]))
+    options = "".join(f"{letter}. {choice}\n" for letter, choice in zip(LETTERS, row["choices"], strict=False))
     subject = row["subject"].replace("_", " ")
     return (f"The following are multiple choice questions (with answers) about {subject}.\n\n"
             f"{row['question'].strip()}\n{options}Answer:")
@@ -73,7 +73,7 @@ def reference_predictions(model: PreTrainedModel, tokenizer: PreTrainedTokenizer
 
 def reference_accuracy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerFast, rows: list[dict]) -> float:
     predictions = reference_predictions(model, tokenizer, rows)
-    return sum(LETTERS[p] == row["answer"] for p, row in zip(predictions, rows)) / len(rows)
+    return sum(LETTERS[p] == row["answer"] for p, row in zip(predictions, rows, strict=False)) / len(rows)
 
 
 @pytest.fixture
@@ -115,13 +115,14 @@ def test_generated_configs_load_through_task_manager(mmlu_cache, tmp_path):
         task = loaded[f"dpruner_mmlu_{domain}"]
         docs = list(task.test_docs())
         assert task.OUTPUT_TYPE == "multiple_choice" and len(docs) == len(rows)
-        for doc, row in zip(docs, rows):
+        for doc, row in zip(docs, rows, strict=False):
             assert task.fewshot_context(doc, 0) == expected_prompt(row)
             assert task.doc_to_choice(doc) == list(LETTERS)
             assert task.doc_to_target(doc) == row["answer"]
     medical = loaded["dpruner_mmlu_medical"]
     others = len(ROWS["medical"]) - 1
-    for doc, row in zip(medical.test_docs(), ROWS["medical"]):  # few-shot examples: all other questions, never itself
+    # few-shot examples: all other questions, never itself
+    for doc, row in zip(medical.test_docs(), ROWS["medical"], strict=False):
         context = medical.fewshot_context(doc, others)
         assert context.endswith(expected_prompt(row).split("\n\n", 1)[1])
         assert context.count("\nAnswer: ") == others and context.count(row["question"].strip()) == 1

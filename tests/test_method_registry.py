@@ -9,14 +9,20 @@ import pytest
 import torch
 from transformers import TrainingArguments
 
-from conftest import build_tiny
 from hf_dpruner import AutoPrunedModelForCausalLM, DPrunerConfig
 from hf_dpruner.commands.cli import main as cli_main
 from hf_dpruner.masks import compute_masks
-from hf_dpruner.methods import PruningMethod, get_method, method_names, prune_model, register_method
+from hf_dpruner.methods import (
+    PruningMethod,
+    get_method,
+    method_names,
+    prune_model,
+    register_method,
+)
 from hf_dpruner.methods.base import unregister_method
 from hf_dpruner.targets import find_prunable_weights
-from test_cli_and_data import text, tiny_model_dir  # noqa: F401 (fixture)
+
+from testing_utils import build_tiny, text
 
 
 class ToyColumns(PruningMethod):
@@ -78,7 +84,7 @@ def test_registration_errors_are_clear(toy_method):
 
 
 def test_a_method_defined_outside_the_package_runs_through_prune_model(toy_method, tmp_path):
-    from test_cli_and_data import word_tokenizer
+    from testing_utils import word_tokenizer
 
     model = build_tiny("llama")
     args = TrainingArguments(str(tmp_path / "run"), per_device_train_batch_size=2, report_to=[], disable_tqdm=True)

@@ -9,9 +9,19 @@ import pytest
 import torch
 from datasets import Dataset
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, PreTrainedModel, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    PreTrainedModel,
+    Trainer,
+    TrainingArguments,
+)
 
-from hf_dpruner import AutoPrunedModelForCausalLM, DPrunerConfig, PrunedModelMixin, make_pruned
+from hf_dpruner import (
+    AutoPrunedModelForCausalLM,
+    DPrunerConfig,
+    PrunedModelMixin,
+    make_pruned,
+)
 from hf_dpruner.config import PRUNING_CONFIG_NAME
 from hf_dpruner.importance import MagnitudeImportance
 from hf_dpruner.masks import MASKS_NAME, compute_masks, load_masks
@@ -411,7 +421,8 @@ def test_loading_masks_of_another_model_is_a_value_error(model_factory, tmp_path
 def test_loading_weights_that_disagree_with_masks_is_a_value_error(model_factory, tmp_path):
     prune(model_factory("llama")).save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "model.safetensors")
-    tensors["model.layers.1.self_attn.v_proj.weight"] = torch.ones_like(tensors["model.layers.1.self_attn.v_proj.weight"])
+    name = "model.layers.1.self_attn.v_proj.weight"
+    tensors[name] = torch.ones_like(tensors[name])
     save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match="model.layers.1.self_attn.v_proj.weight that the pruning mask removes"):
         AutoPrunedModelForCausalLM.from_pretrained(tmp_path)

@@ -11,9 +11,8 @@ from transformers import AutoModelForCausalLM
 from hf_dpruner import AutoPrunedModelForCausalLM
 from hf_dpruner.commands.cli import main as cli_main
 from hf_dpruner.modeling import load_causal_lm
-from test_cli_and_data import text, tiny_model_dir, word_tokenizer  # noqa: F401 (fixture)
-from test_hub_and_card import fake_hub, pruned_tiny  # noqa: F401 (fixture)
-from test_trainer import make_trainer
+
+from testing_utils import make_trainer, pruned_tiny, text, word_tokenizer
 
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 

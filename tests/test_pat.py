@@ -11,7 +11,6 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainingArguments
 from transformers.testing_utils import CaptureLogger
 
-from conftest import build_tiny, make_windows
 from hf_dpruner.commands.cli import SUBCOMMANDS, main
 from hf_dpruner.pat import (
     PAT_CONFIG_NAME,
@@ -24,7 +23,8 @@ from hf_dpruner.pat import (
     get_pat_modules,
 )
 from hf_dpruner.pat.export import logger as export_logger
-from test_cli_and_data import text, tiny_model_dir  # noqa: F401 (fixture)
+
+from testing_utils import build_tiny, make_windows, text
 
 
 def test_new_hsm_with_open_gate_is_exactly_the_identity():

@@ -11,7 +11,12 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
-from hf_dpruner import AutoPrunedModelForCausalLM, DPrunerConfig, get_masked_peft_model, make_pruned
+from hf_dpruner import (
+    AutoPrunedModelForCausalLM,
+    DPrunerConfig,
+    get_masked_peft_model,
+    make_pruned,
+)
 from hf_dpruner.commands.cli import main as cli_main
 from hf_dpruner.importance import MagnitudeImportance
 from hf_dpruner.masks import compute_masks
@@ -28,8 +33,7 @@ from hf_dpruner.recovery import (
 )
 from hf_dpruner.targets import find_prunable_weights
 
-from conftest import build_tiny, make_batches
-from test_cli_and_data import text, tiny_model_dir  # noqa: F401 (fixture)
+from testing_utils import build_tiny, make_batches, text
 
 
 def pruned(arch: str = "llama", num_hidden_layers: int = 4, layer_sparsity_map=None):

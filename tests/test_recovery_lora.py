@@ -25,7 +25,7 @@ from hf_dpruner.masks import MASKS_NAME, compute_masks
 from hf_dpruner.recovery import MaskedLoraLinear
 from hf_dpruner.targets import find_prunable_weights
 
-from conftest import build_tiny, make_windows
+from testing_utils import build_tiny, make_windows
 
 TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

@@ -9,7 +9,6 @@ import pytest
 
 from hf_dpruner import resources
 
-
 FAKE_GGUF = b"GGUF fake payload"
 
 

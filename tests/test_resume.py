@@ -7,12 +7,13 @@ import logging
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_trainer import make_trainer, tiny_llama, training_args, windows
 from transformers import TrainerCallback
 
 from hf_dpruner import DPrunerConfig
 from hf_dpruner.importance import importance_fingerprint, load_importance
 from hf_dpruner.resume import DOMAIN_STATE_NAME, last_complete_checkpoint
+
+from testing_utils import make_trainer, tiny_llama, training_args, windows
 
 
 def _cached_trainer(tmp_path, path, **kwargs):
@@ -88,7 +89,7 @@ def test_resumed_domain_pass_equals_an_uninterrupted_one(tmp_path):
     for name, score in full.domain_importance.scores.items():
         assert torch.equal(resumed.domain_importance.scores[name], score), name
         assert torch.equal(result.masks[name], expected.masks[name]), name
-    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters(), strict=False):
         assert torch.equal(a, b), name  # original weights restored and masked identically
 
 
@@ -122,8 +123,9 @@ def test_resume_needs_a_checkpoint_and_the_finetune_pass(tmp_path):
 
 def _cli_inputs(tmp_path):
     """A tiny model folder with a word tokenizer, and general / domain text files."""
-    from test_cli_and_data import text, word_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from testing_utils import text, word_tokenizer
 
     torch.manual_seed(0)
     model_dir = tmp_path / "tiny"
@@ -199,7 +201,7 @@ def test_killed_prune_command_resumes_to_the_same_masks(tmp_path):
     for i, (point, ready) in enumerate(kill_points.items()):
         out = tmp_path / f"out{i}"
         run = tmp_path / f"out{i}.dpruner-run"
-        killed = _run_until(_prune_command(tmp_path, model_dir, out), lambda: ready(run))
+        killed = _run_until(_prune_command(tmp_path, model_dir, out), lambda ready=ready, run=run: ready(run))
         assert killed, f"the command ended before the kill point {point!r}"
         assert not (out / "pruning_masks.safetensors").exists()
         log = _finish(_prune_command(tmp_path, model_dir, out))

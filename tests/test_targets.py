@@ -35,7 +35,8 @@ def test_llama_like_models_have_seven_linears_per_layer(model_factory, arch):
 def test_gpt2_conv1d_weights_have_input_dim_zero(tiny_gpt2):
     weights = find_prunable_weights(tiny_gpt2)
     expected = {
-        f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+        f"transformer.h.{i}.{m}.weight"
+        for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
     }
     assert set(weights) == expected
     for w in weights.values():

@@ -7,49 +7,16 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from conftest import build_tiny
-from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, TrainingArguments
 
-from hf_dpruner import DPrunerConfig, DPrunerTrainer
+from hf_dpruner import DPrunerConfig
 from hf_dpruner.importance import load_importance
 
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    return build_tiny("llama", seed)
-
-
-def windows(n: int, length: int = 16, low: int = 0, high: int = 128, seed: int = 0) -> Dataset:
-    generator = torch.Generator().manual_seed(seed)
-    return Dataset.from_dict({"input_ids": torch.randint(low, high, (n, length), generator=generator).tolist()})
-
-
-def training_args(tmp_path, **overrides) -> TrainingArguments:
-    values = dict(
-        output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=2,
-        num_train_epochs=1,
-        learning_rate=0.05,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        report_to=[],
-        disable_tqdm=True,
-        save_strategy="no",
-        logging_strategy="no",
-        seed=0,
-    )
-    values.update(overrides)
-    return TrainingArguments(**values)
-
-
-def make_trainer(tmp_path, config=None, model=None, args=None, **kwargs) -> DPrunerTrainer:
-    return DPrunerTrainer(
-        model=model or tiny_llama(),
-        args=args or training_args(tmp_path),
-        dpruner_config=config or DPrunerConfig(sparsity=0.5),
-        train_dataset=kwargs.pop("train_dataset", windows(8, low=0, high=64, seed=1)),
-        general_dataset=kwargs.pop("general_dataset", windows(8, low=64, high=128, seed=2)),
-        **kwargs,
-    )
+from testing_utils import (
+    make_trainer,
+    small_word_tokenizer,
+    tiny_llama,
+    training_args,
+)
 
 
 def test_prune_gives_exact_sparsity_on_original_weights(tmp_path):
@@ -193,21 +160,14 @@ def test_unknown_target_modules_are_rejected(tmp_path):
         make_trainer(tmp_path, config=DPrunerConfig(target_modules=["qproj"]))
 
 
-def _word_tokenizer(with_pad: bool) -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {f"w{i}": i for i in range(100)} | {"[UNK]": 100, "</s>": 101}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    kwargs = {"pad_token": "</s>"} if with_pad else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="[UNK]", **kwargs)
 
 
 def test_text_shorter_than_seq_len_is_rejected(tmp_path):
     texts = Dataset.from_dict({"text": ["w1 w2 w3", "w4 w5"]})
     with pytest.raises(ValueError, match=r"7 tokens, fewer than seq_len=16"):
         make_trainer(
-            tmp_path, config=DPrunerConfig(seq_len=16), train_dataset=texts, processing_class=_word_tokenizer(True)
+            tmp_path, config=DPrunerConfig(seq_len=16), train_dataset=texts, processing_class=small_word_tokenizer(True)
         )
 
 
@@ -217,7 +177,7 @@ def test_text_dataset_is_cut_into_windows(tmp_path):
         tmp_path,
         config=DPrunerConfig(seq_len=16, num_samples=5),
         train_dataset=texts,
-        processing_class=_word_tokenizer(True),
+        processing_class=small_word_tokenizer(True),
     )
     assert len(trainer.train_dataset) == 5
     assert {len(ids) for ids in trainer.train_dataset["input_ids"]} == {16}
@@ -226,7 +186,7 @@ def test_text_dataset_is_cut_into_windows(tmp_path):
 def test_ragged_rows_without_pad_token_are_rejected(tmp_path):
     ragged = Dataset.from_dict({"input_ids": [[1, 2, 3, 4], [5, 6]]})
     with pytest.raises(ValueError, match="no pad token"):
-        make_trainer(tmp_path, train_dataset=ragged, processing_class=_word_tokenizer(False))
+        make_trainer(tmp_path, train_dataset=ragged, processing_class=small_word_tokenizer(False))
 
 
 def test_missing_general_data_is_explained(tmp_path):

@@ -1,4 +1,5 @@
-"""DPrunerTrainer and PATTrainer keep transformers.Trainer's positional arguments in order; their own are keyword-only."""
+"""DPrunerTrainer and PATTrainer keep transformers.Trainer's positional arguments in order; their own are
+keyword-only."""
 
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ SUBCOMMANDS = {
     "prune": ("hf_dpruner.commands.prune", "Prune a model with D-Pruner and save a pruned checkpoint."),
     "eval": ("hf_dpruner.commands.eval", "Perplexity on general and domain text, pruned vs dense, side by side."),
     "recover": ("hf_dpruner.commands.recover", "LoRA recovery that keeps the sparsity (uniform or RankAdaptor ranks)."),
-    "pat": ("hf_dpruner.commands.pat", "Pruning-Aware Tuning: learn which hidden channels to drop, export a smaller model."),
+    "pat": ("hf_dpruner.commands.pat",
+            "Pruning-Aware Tuning: learn which hidden channels to drop, export a smaller model."),
     "push": ("hf_dpruner.commands.push", "Upload a pruned checkpoint with its masks and model card to the Hub."),
     "data": ("hf_dpruner.commands.data", "Prepare the embedded default model and the bundled corpora offline."),
 }

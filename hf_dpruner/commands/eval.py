@@ -44,9 +44,10 @@ def _print_table(models: dict[str, dict], corpora: list[str], tasks: list[str]) 
             if "_stderr" not in metric:
                 columns.append((f"{task} {metric}", lambda values, t=task, m=metric: values["lm_eval"][t][m], ".4f"))
     widths = [max(12, len(header)) for header, _, _ in columns]
-    print(" ".join([f"{'model':<8}"] + [f"{header:>{width}}" for (header, _, _), width in zip(columns, widths)]))
+    headers = [f"{header:>{width}}" for (header, _, _), width in zip(columns, widths, strict=True)]
+    print(" ".join([f"{'model':<8}", *headers]))
     for label, values in models.items():
-        cells = [f"{get(values):>{width}{spec}}" for (_, get, spec), width in zip(columns, widths)]
+        cells = [f"{get(values):>{width}{spec}}" for (_, get, spec), width in zip(columns, widths, strict=False)]
         print(" ".join([f"{label:<8}"] + cells))
 
 

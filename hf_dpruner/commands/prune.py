@@ -43,7 +43,8 @@ class PruneArguments:
                   "Overrides --domain."},
     )
     general_data: str | None = field(
-        default=None, metadata={"help": f"Open-domain text (same forms). Default: the bundled {GENERAL_CORPUS!r} corpus."}
+        default=None,
+        metadata={"help": f"Open-domain text (same forms). Default: the bundled {GENERAL_CORPUS!r} corpus."},
     )
     general_importance: str | None = field(
         default=None,
@@ -84,9 +85,9 @@ def parse(argv: list[str]) -> tuple[DPrunerConfig, ModelArguments, PruneArgument
     for action in parser._actions:  # the choices and help of --method come from the registry of methods
         if action.dest == "method":
             action.choices = method_names()
-            action.help = "Pruning method: " + "; ".join(
-                f"{name} ({get_method(name).title}{', default' if name == 'dpruner' else ''})" for name in method_names()
-            ) + "."
+            described = [f"{name} ({get_method(name).title}{', default' if name == 'dpruner' else ''})"
+                         for name in method_names()]
+            action.help = "Pruning method: " + "; ".join(described) + "."
     config, model_args, prune_args, training_args = parser.parse_args_into_dataclasses(argv)
     if not training_args.output_dir:
         parser.error("--output-dir is required.")

@@ -83,7 +83,8 @@ def main(argv: list[str]) -> int:
         plot = plot_ranks(result.ranks, staging / RANKS_PLOT, title)
     plot = out / RANKS_PLOT if plot else None
     summary = {"rank_allocation": args.rank_allocation, "layer_ranks": list(result.ranks),
-               "lora_parameters": result.lora_parameters, "sparsity": round(result.model.pruning_sparsity()["overall"], 6),
+               "lora_parameters": result.lora_parameters,
+               "sparsity": round(result.model.pruning_sparsity()["overall"], 6),
                "seconds": {k: round(v, 1) for k, v in result.seconds.items()}}
     if result.search is not None:
         search = result.search

@@ -92,7 +92,8 @@ class FisherImportance(ImportanceScorer):
             for batch in tqdm(batches, desc="general importance (Fisher)", disable=disable_tqdm):
                 model.zero_grad(set_to_none=True)
                 labels = batch.get("labels", batch["input_ids"])
-                model(**{k: v for k, v in batch.items() if k != "labels"}, labels=labels, use_cache=False).loss.backward()
+                inputs = {k: v for k, v in batch.items() if k != "labels"}
+                model(**inputs, labels=labels, use_cache=False).loss.backward()
                 for name, w in weights.items():
                     fisher[name].add_(w.weight.grad.float() ** 2)
         finally:

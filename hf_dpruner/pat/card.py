@@ -7,7 +7,6 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from ..version import __version__
 from ..model_card import (
     CARD_NAME,
     EMBEDDED_BASE_MODEL,
@@ -17,6 +16,7 @@ from ..model_card import (
     is_generated_card,
     template_text,
 )
+from ..version import __version__
 from .config import PAT_RECORD_KEYS, read_pat_record
 
 TEMPLATE = "pat_model.md"

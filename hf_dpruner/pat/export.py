@@ -18,12 +18,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging
 
-from ..version import __version__
 from ..config import PRUNING_CONFIG_NAME
 from ..masks import MASKS_NAME
 from ..model_card import CARD_NAME
 from ..modeling import is_stale_checkpoint_file
 from ..utils import replacing_folder
+from ..version import __version__
 from .config import PATConfig
 from .modules import PATModules, get_pat_modules
 

@@ -12,7 +12,7 @@ from .rankadaptor import (
     lora_config_for,
     search_ranks,
 )
-from .recover import RecoveryArguments, RecoveryResult, plot_ranks, recover, rank_space_for
+from .recover import RecoveryArguments, RecoveryResult, plot_ranks, rank_space_for, recover
 
 __all__ = [
     "MaskedLoraLinear",

@@ -60,7 +60,7 @@ class PerformanceModel:
         stats = np.broadcast_to(np.asarray(layer_stats, dtype=np.float64), (len(scaled), len(layer_stats)))
         return np.concatenate([scaled, stats], axis=1)
 
-    def fit(self) -> "PerformanceModel":
+    def fit(self) -> PerformanceModel:
         if len(self.runs) < 2:
             raise ValueError(f"The performance model needs at least 2 runs to fit, it has {len(self.runs)}.")
         try:
@@ -97,7 +97,7 @@ class PerformanceModel:
         return folder
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, fit: bool = True) -> "PerformanceModel":
+    def from_pretrained(cls, path: str | os.PathLike, fit: bool = True) -> PerformanceModel:
         """Load the runs and settings written by `save_pretrained` (and refit, unless ``fit=False``)."""
         folder = Path(path)
         data = {}

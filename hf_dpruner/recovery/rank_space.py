@@ -90,8 +90,9 @@ def rank_patterns(
     modules = lora_target_modules(model, target_modules)
     if len(ranks) != len(modules):
         raise ValueError(f"Got {len(ranks)} ranks for a model with {len(modules)} decoder layers.")
-    rank_pattern = {name: int(r) for r, names in zip(ranks, modules) for name in names}
-    alpha_pattern = {name: lora_alpha * r / mean_rank for r, names in zip(ranks, modules) for name in names}
+    rank_pattern = {name: int(r) for r, names in zip(ranks, modules, strict=False) for name in names}
+    alpha_pattern = {name: lora_alpha * r / mean_rank
+                     for r, names in zip(ranks, modules, strict=False) for name in names}
     return rank_pattern, alpha_pattern
 
 

@@ -8,7 +8,12 @@ import sys
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainingArguments
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    TrainingArguments,
+)
 
 from hf_dpruner import DPrunerConfig, DPrunerTrainer
 from hf_dpruner.importance import save_importance
