@@ -196,7 +196,7 @@ def replacing_folder(
         >>> sorted(p.name for p in out.iterdir())
         ['config.json']
     """
-    target = Path(target)
+    target = Path(os.path.abspath(target))  # "." or "out/.." name no folder of their own
     if target.is_symlink():
         target = target.resolve()
     if os.path.lexists(target) and not target.is_dir():
@@ -210,7 +210,10 @@ def replacing_folder(
             for entry in target.iterdir():
                 if not os.path.lexists(new / entry.name) and not (stale is not None and stale(entry.name)):
                     _link_or_copy(entry, new / entry.name)
+        cwd = os.getcwd()
         old = _swap(new, target)
+        if cwd == str(target) or cwd.startswith(str(target) + os.sep):
+            os.chdir(cwd)  # the working directory moved away with the old folder: enter the new one
     except BaseException:
         if os.path.lexists(new):
             try:

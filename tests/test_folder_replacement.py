@@ -303,3 +303,13 @@ def test_saving_through_a_symlinked_folder_keeps_the_link(tmp_path):
     os.symlink(real, link)
     pruned_tiny(0).save_pretrained(link)
     assert link.is_symlink() and (real / "config.json").is_file() and (real / "notes.txt").read_text() == "keep"
+
+
+def test_saving_into_the_working_directory_keeps_a_valid_working_directory(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    monkeypatch.chdir(out)
+    pruned_tiny(0).save_pretrained(".")
+    assert Path.cwd() == out and (Path("config.json")).is_file() and Path("notes.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
