@@ -183,3 +183,8 @@ class CausalLMCollator:
             attention_mask[row, : len(x)] = torch.as_tensor(given) if given is not None else 1
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def batches_to_device(batches, device: torch.device | str) -> list[dict[str, Any]]:
+    """Each batch (a dict) with its tensors moved to `device`."""
+    return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()} for batch in batches]

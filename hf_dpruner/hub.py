@@ -21,7 +21,7 @@ PICKLE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt"]
 # Never uploaded: VCS data, temp folders of an interrupted save, caches, pickles.
 UPLOAD_IGNORE = [".git/*", ".gitattributes", ".*", ".*/*", "__pycache__/*", "*.pyc", *PICKLE_PATTERNS]
 # Only safetensors and JSON (plus tokenizer text files and the card) are ever read from a downloaded checkpoint.
-DOWNLOAD_IGNORE = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle", "*.h5", "*.msgpack", "*.gguf", "*.onnx"]
+DOWNLOAD_IGNORE = [*PICKLE_PATTERNS, "*.h5", "*.msgpack", "*.gguf", "*.onnx"]
 
 
 def _check_checkpoint(folder: Path) -> dict:

@@ -37,13 +37,13 @@ _STALE_FILES = re.compile(
 )
 MASK_BUFFER = "pruning_keep_mask"
 TRAINING_ARGS_JSON = "training_args.json"
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
 def is_stale_checkpoint_file(name: str) -> bool:
     """Whether a file `name` of a folder being saved over belongs to the previous save and would contradict the new
     one (it is then not carried into the new folder)."""
     return bool(_STALE_FILES.match(name))
-_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
 class PrunedModelMixin:

@@ -3,7 +3,6 @@
 from .base import (
     CALIBRATION_CHOICES,
     PruningMethod,
-    batches_to_device,
     get_method,
     method_card_entry,
     method_names,
@@ -20,7 +19,6 @@ __all__ = [
     "CALIBRATION_CHOICES",
     "BlockwiseMethod",
     "PruningMethod",
-    "batches_to_device",
     "get_method",
     "method_card_entry",
     "method_names",

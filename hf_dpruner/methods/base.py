@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
 from ..config import DPrunerConfig
-from ..data import CausalLMCollator, build_windows
+from ..data import CausalLMCollator, batches_to_device, build_windows
 from ..masks import sparsity_report
 from ..modeling import make_pruned
 
@@ -129,11 +129,6 @@ class PruningMethod(ABC):
         loader = DataLoader(windows, batch_size=training_args.per_device_train_batch_size,
                             collate_fn=CausalLMCollator(tokenizer.pad_token_id))
         return batches_to_device(loader, next(model.parameters()).device)
-
-
-def batches_to_device(batches, device: torch.device | str) -> list[dict[str, Any]]:
-    """Each batch (a dict) with its tensors moved to `device`."""
-    return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()} for batch in batches]
 
 
 def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:

@@ -14,9 +14,10 @@ from typing import ClassVar
 import torch
 
 from ..config import DPrunerConfig
+from ..data import batches_to_device
 from ..layerwise import input_statistics, iterate_blocks
 from ..targets import PrunableWeight, find_prunable_weights, group_by_block
-from .base import Batches, PruningMethod, batches_to_device
+from .base import Batches, PruningMethod
 
 
 class BlockwiseMethod(PruningMethod):

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers.utils import logging
 
-from ..data import CausalLMCollator, build_windows
+from ..data import CausalLMCollator, batches_to_device, build_windows
 from ..targets import find_prunable_weights, module_type
 from ..utils import replacing_folder
 from .lora import get_masked_peft_model, merge_masked_lora
@@ -83,7 +83,7 @@ def rank_space_for(num_layers: int, mean_rank: int) -> RankSpace:
 
 def _batches(windows, batch_size: int, pad_id: int | None, device) -> list[dict]:
     loader = DataLoader(windows, batch_size=batch_size, collate_fn=CausalLMCollator(pad_id))
-    return [{k: v.to(device) for k, v in batch.items()} for batch in loader]
+    return batches_to_device(loader, device)
 
 
 def recover(
