@@ -85,7 +85,8 @@ class DPrunerConfig(RecipeConfig):
         metadata={
             "help": "Per-module sparsity overrides: regex (matched with re.search against the parameter name) -> "
             "ratio, like peft's rank_pattern (a JSON string on the command line). First match wins; unmatched "
-            "matrices use `sparsity`."
+            "matrices use `sparsity`. 'owl': a ratio per decoder block from its outlier ratio (OWL, Yin et al. "
+            "2024), measured on the calibration text before pruning and saved as such a dict."
         },
     )
     target_modules: list[str] | None = field(
@@ -143,6 +144,34 @@ class DPrunerConfig(RecipeConfig):
         },
     )
 
+    owl_threshold: float = field(
+        default=5.0, metadata={"help": "OWL: a weight is an outlier when its Wanda score exceeds this times the mean."}
+    )
+    owl_lambda: float = field(
+        default=0.08, metadata={"help": "OWL: block sparsities range over sparsity +- this value."}
+    )
+    general_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "Share of the general text, in [0, 1], in the calibration Hessian and the reconstruction loss of "
+            "the methods that blend domain and general text ('cross-calibration', 'dpruner-recon'); each text's "
+            "part is normalised by its token count. None: the method's own default."
+        },
+    )
+    reconstruction_epochs: int = field(
+        default=2,
+        metadata={
+            "help": "'dpruner-recon': passes over the calibration windows that train each pruned block's kept "
+            "weights to reproduce the dense block's outputs (masks fixed); 0 skips the block reconstruction."
+        },
+    )
+    reconstruction_lr: float = field(
+        default=1e-4, metadata={"help": "'dpruner-recon': Adam learning rate of the block reconstruction."}
+    )
+    reconstruction_batch_size: int = field(
+        default=8, metadata={"help": "'dpruner-recon': calibration windows per block-reconstruction step."}
+    )
+
     importance_dtype: str = field(
         default="float32",
         metadata={
@@ -172,13 +201,15 @@ class DPrunerConfig(RecipeConfig):
                 raise ValueError(f"sparsity_type {self.sparsity_type!r} needs 0 < N < M (e.g. '2:4', '4:8').")
         elif self.sparsity_type not in ("unstructured", "row"):
             raise ValueError(f"sparsity_type must be one of {', '.join(SPARSITY_TYPES)}; got {self.sparsity_type!r}.")
-        if isinstance(self.layer_sparsity, str):
+        if self.layer_sparsity == "owl" and n_m is not None:
+            raise ValueError("layer_sparsity='owl' sets a ratio per block; N:M sparsity has a fixed ratio.")
+        if isinstance(self.layer_sparsity, str) and self.layer_sparsity != "owl":
             try:
                 self.layer_sparsity = json.loads(self.layer_sparsity)
             except json.JSONDecodeError as err:
                 example = '{"down_proj": 0.3}'
                 raise ValueError(f"layer_sparsity must be a JSON object such as '{example}': {err}.") from err
-        if self.layer_sparsity is not None:
+        if self.layer_sparsity is not None and self.layer_sparsity != "owl":
             if not isinstance(self.layer_sparsity, dict):
                 raise TypeError(f"layer_sparsity must be a dict of regex -> ratio, got {type(self.layer_sparsity)}.")
             for pattern, ratio in self.layer_sparsity.items():
@@ -204,6 +235,23 @@ class DPrunerConfig(RecipeConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.general_weight is not None and not (_is_number(self.general_weight) and 0 <= self.general_weight <= 1):
+            raise ValueError(f"general_weight must be in [0, 1] (or None for the method's default), got "
+                             f"{self.general_weight!r}.")
+        for name in ("reconstruction_epochs",):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}.")
+        if not isinstance(self.reconstruction_batch_size, int) or isinstance(self.reconstruction_batch_size, bool) \
+                or self.reconstruction_batch_size < 1:
+            raise ValueError(f"reconstruction_batch_size must be a positive integer, got "
+                             f"{self.reconstruction_batch_size!r}.")
+        if not _is_number(self.owl_threshold) or not (0 < self.owl_threshold < math.inf):
+            raise ValueError(f"owl_threshold must be > 0, got {self.owl_threshold!r}.")
+        if not _is_number(self.owl_lambda) or not (0 <= self.owl_lambda < 1):
+            raise ValueError(f"owl_lambda must be in [0, 1), got {self.owl_lambda!r}.")
+        if not _is_number(self.reconstruction_lr) or not (0 < self.reconstruction_lr < math.inf):
+            raise ValueError(f"reconstruction_lr must be > 0, got {self.reconstruction_lr!r}.")
         for name in ("clamp_general_importance", "offload_importance"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}.")
@@ -238,6 +286,9 @@ class DPrunerConfig(RecipeConfig):
         if self.n_m is not None:
             n, m = self.n_m
             return 1.0 - n / m
+        if self.layer_sparsity == "owl":
+            raise ValueError("layer_sparsity='owl' is resolved into per-block ratios by prune_model(); call "
+                             "hf_dpruner.layer_ratios.owl_layer_sparsity to resolve it yourself.")
         for pattern, ratio in (self.layer_sparsity or {}).items():
             if re.search(pattern, param_name):
                 return float(ratio)

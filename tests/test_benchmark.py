@@ -30,14 +30,18 @@ def row(method, domain_ppl, general_ppl, seconds):
 def test_goals_and_table_from_rows():
     bench = load_benchmark()
     rows = [row("dense", 20, 40, 0), row("wanda", 60, 100, 5), row("sparsegpt", 50, 90, 20),
-            row("dpruner", 45, 93, 60), row("dpruner-cached", 45, 93, 25)]
+            row("cross-calibration", 54, 70, 30), row("dpruner", 45, 93, 60), row("dpruner-recon", 42, 69, 70)]
     goals = "\n".join(bench.goals(rows))
-    assert "domain ppl 10.0% lower than the best peer (sparsegpt; goal >= +5%: met)" in goals
-    assert "general ppl +3.3% vs the better peer (goal <= +5%: met)" in goals
-    assert "time 3.00x SparseGPT (goal <= 2.5x: MISSED)" in goals
-    assert "cached general importance: 1.25x SparseGPT (goal <= 1.5x: met)" in goals
+    # the best peer is SparseGPT (50); cross-calibration is within 10% of it, so its 70 is the reference general
+    assert "best peer sparsegpt (domain 50.00); reference general 70.00 (cross-calibration)" in goals
+    assert "dpruner-recon: domain 42.00 = 0.840x the best peer (goal <= 0.85: met)" in goals
+    assert "general 69.00 (goal <= 70.00: met); time 3.50x SparseGPT (goal <= 3x: MISSED)" in goals
+    assert "dpruner (the paper's recipe): domain 45.00 = 0.900x the best peer" in goals
+    rows[2]["domain_ppl"] = 62.0  # now Wanda is the best peer and cross-calibration is not within 10% of it
+    goals = "\n".join(bench.goals(rows))
+    assert "best peer cross-calibration (domain 54.00); reference general 70.00" in goals
     table = bench.markdown(rows, {"num_samples": 4, "seq_len": 128, "eval_tokens": 2048, "eval_seq_len": 256})
-    assert "| medical | 0.5 | dpruner | 45.00 | 93.00 | 60.0 | 3.00 | 1000 |" in table
+    assert "| medical | 0.5 | dpruner-recon | 42.00 | 69.00 | 70.0 | 3.50 | 1000 |" in table
 
 
 @pytest.mark.slow
@@ -49,7 +53,8 @@ def test_quick_benchmark_writes_results(tmp_path):
     assert results["metadata"]["groups"] == [["medical", "0.5"]] and results["earlier_runs"] == []
     assert results["metadata"]["cli_args"]["quick"] is True and results["metadata"]["cpu_count"] >= 1
     runs = {r["method"]: r for r in results["runs"]}
-    assert set(runs) == {"dense", "magnitude", "wanda", "sparsegpt", "dpruner", "dpruner-cached"}
+    assert set(runs) == {"dense", "magnitude", "wanda", "sparsegpt", "cross-calibration", "dpruner-recon", "dpruner",
+                         "dpruner-cached"}  # no OWL variant at 50%
     assert runs["dense"]["domain_ppl"] < runs["sparsegpt"]["domain_ppl"] < runs["magnitude"]["domain_ppl"]
     # the cached run reads G instead of computing it, and prunes to the same model
     general_seconds = [runs[m]["stage_seconds"]["general_importance"] for m in ("dpruner-cached", "dpruner")]

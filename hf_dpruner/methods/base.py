@@ -19,6 +19,7 @@ Example (a method in a file of its own)::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from abc import ABC
@@ -188,7 +189,9 @@ def prune_model(
     Every method gets the same budget: `config.num_samples` windows of `config.seq_len` tokens of each text it
     uses. Methods that calibrate on one text use the domain text by default (their strongest setting for a domain
     model), the general text with ``calibration="general"``. `general_importance` (a cache file) and
-    `resume_from_checkpoint` apply to D-Pruner.
+    `resume_from_checkpoint` apply to D-Pruner. ``config.layer_sparsity="owl"`` is resolved here into per-block
+    ratios (OWL, measured on the domain windows, or the general ones for ``calibration="general"``), which the
+    checkpoint records.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
@@ -201,7 +204,17 @@ def prune_model(
         >>> round(result.sparsity["overall"], 2)
         0.5
     """
-    return get_method(method).run(
+    pruning_method = get_method(method)
+    if config.layer_sparsity == "owl":  # per-block ratios measured on the dense model, before any pruning
+        from ..layer_ratios import owl_layer_sparsity
+
+        which = "general" if pruning_method.data == "one" and calibration == "general" else "domain"
+        texts = general_texts if which == "general" else domain_texts
+        batches = pruning_method._batches(texts, which, model, tokenizer, config, training_args)
+        config = dataclasses.replace(
+            config, layer_sparsity=owl_layer_sparsity(model, batches, config, training_args.disable_tqdm)
+        )
+    return pruning_method.run(
         model, tokenizer, config, training_args, general_texts=general_texts, domain_texts=domain_texts,
         calibration=calibration, general_importance=general_importance,
         resume_from_checkpoint=resume_from_checkpoint,

@@ -1,0 +1,24 @@
+"""The reconstruction recipe: dual (domain + general) OBS pruning, then block-wise reconstruction."""
+
+from __future__ import annotations
+
+from .base import register_method
+from .dual_blockwise import DualBlockwiseMethod
+
+
+@register_method
+class DPrunerRecon(DualBlockwiseMethod):
+    name = "dpruner-recon"
+    title = "D-Pruner (reconstruction recipe)"
+    description = (
+        "Dual pruning with reconstruction: one decoder block at a time, the mask is chosen and the kept weights are "
+        "updated by OBS (SparseGPT) on a Hessian that blends domain and general text, then the block's kept weights "
+        "are trained (masks fixed) to reproduce the dense block's outputs on both texts, from the inputs of the "
+        "already-pruned blocks."
+    )
+    citation = (
+        "Nan Zhang et al. *Pruning as a Domain-specific LLM Extractor*. Findings of NAACL 2024. arXiv:2405.06275; "
+        "Elias Frantar, Dan Alistarh. *SparseGPT*. ICML 2023. arXiv:2301.00774."
+    )
+    default_general_weight = 0.5
+    reconstruct = True

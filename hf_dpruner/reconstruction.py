@@ -1,0 +1,122 @@
+"""Tensor math of the reconstruction recipe: a calibration Hessian that blends domain and general inputs, and
+block-wise reconstruction (train a pruned block's kept weights to reproduce the dense block's outputs).
+
+Both are functions of tensors and modules; the orchestration (which block, which inputs) lives in
+`methods.dual_blockwise`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+
+def blended_hessian(
+    domain: tuple[torch.Tensor, int], general: tuple[torch.Tensor, int] | None, general_weight: float
+) -> torch.Tensor:
+    """``H = 2 · ((1 − a) · X_dᵀX_d / n_d + a · X_gᵀX_g / n_g)`` from the ``(XᵀX, token count)`` of each text.
+
+    Each part is normalised by its own token count, so `general_weight` (``a`` in [0, 1]) is the share of the
+    general text whatever the two calibration sets' sizes; ``a = 0`` (or no general part) is SparseGPT's
+    ``(2/n) XᵀX`` on the domain text exactly.
+    """
+    if not 0.0 <= general_weight <= 1.0:
+        raise ValueError(f"general_weight must be in [0, 1], got {general_weight!r}.")
+    gram, count = domain
+    hessian = gram * (2.0 / count)
+    if general is None or general_weight == 0.0:
+        return hessian
+    general_gram, general_count = general
+    return hessian * (1.0 - general_weight) + general_gram * (2.0 * general_weight / general_count)
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def reconstruct_block(
+    block: nn.Module,
+    inputs: Sequence[tuple[torch.Tensor, tuple, dict]],
+    targets: Sequence[torch.Tensor],
+    masks: Mapping[nn.Parameter, torch.Tensor],
+    *,
+    epochs: int,
+    lr: float,
+    batch_weights: Sequence[float] | None = None,
+    anchor: Callable[[], torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[float, float]:
+    """Train the masked parameters of `block` so that ``block(hidden, *args, **kwargs)`` reproduces `targets`.
+
+    Args:
+        block: a decoder block; only the parameters in `masks` are trained (the others are left untouched).
+        inputs: one ``(hidden states, args, kwargs)`` per calibration batch (the pruned model's block inputs).
+        targets: the dense block's outputs for the same batches (the dense model's own trajectory).
+        masks: parameter -> bool keep-mask of the same shape; pruned entries stay exactly 0.
+        epochs: passes over the batches (in a shuffled order, one Adam step per batch).
+        lr: Adam learning rate.
+        batch_weights: weight of each batch's mean squared error in the loss (default 1 each).
+        anchor: optional extra loss term (e.g. a penalty that keeps important weights near their values).
+        generator: for the batch order (reproducible runs).
+
+    Returns:
+        ``(error before, error after)``: the weighted mean squared error over all batches, relative to the
+        targets' weighted mean square, measured before the first and after the last step.
+    """
+    if len(inputs) != len(targets):
+        raise ValueError(f"{len(inputs)} input batches but {len(targets)} targets.")
+    params = list(masks)
+    weights = list(batch_weights) if batch_weights is not None else [1.0] * len(inputs)
+    if len(weights) != len(inputs):
+        raise ValueError(f"{len(weights)} batch weights for {len(inputs)} batches.")
+    flags = {p: p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
+        p.requires_grad_(p in masks)
+    was_training = block.training
+    block.eval()  # no dropout: reproduce the deterministic outputs
+    try:
+        before = relative_error(block, inputs, targets, weights)
+        if epochs > 0 and params:
+            optimizer = torch.optim.Adam(params, lr=lr)
+            total = sum(weights) / len(weights)
+            with torch.enable_grad():
+                for _ in range(epochs):
+                    for i in torch.randperm(len(inputs), generator=generator).tolist():
+                        hidden, args, kwargs = inputs[i]
+                        out = _first(block(hidden, *args, **kwargs))
+                        loss = (out.float() - targets[i].float()).pow(2).mean() * (weights[i] / total)
+                        if anchor is not None:
+                            loss = loss + anchor()
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                        with torch.no_grad():
+                            for p, keep in masks.items():
+                                p.mul_(keep)
+            del optimizer
+        after = relative_error(block, inputs, targets, weights)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        block.train(was_training)
+    return before, after
+
+
+@torch.no_grad()
+def relative_error(
+    block: nn.Module,
+    inputs: Sequence[tuple[torch.Tensor, tuple, dict]],
+    targets: Sequence[torch.Tensor],
+    batch_weights: Sequence[float] | None = None,
+) -> float:
+    """Weighted ``Σ ||block(x) − y||² / Σ ||y||²`` over the batches (0 = the targets exactly)."""
+    weights = list(batch_weights) if batch_weights is not None else [1.0] * len(inputs)
+    error = norm = 0.0
+    for (hidden, args, kwargs), target, weight in zip(inputs, targets, weights, strict=True):
+        out = _first(block(hidden, *args, **kwargs)).float()
+        error += weight * float((out - target.float()).pow(2).sum())
+        norm += weight * float(target.float().pow(2).sum())
+    return error / max(norm, 1e-30)
