@@ -29,7 +29,8 @@ def test_cli_prune_writes_checkpoint_and_summary(tiny_model_dir, tmp_path, capsy
         (domain / f"doc{i}.txt").write_text(text(100 + i))
     out = tmp_path / "out"
     code = main([
-        "prune", "--model", str(tiny_model_dir), "--general-data", str(tmp_path / "general.jsonl"),
+        "prune", "--method", "dpruner",
+        "--model", str(tiny_model_dir), "--general-data", str(tmp_path / "general.jsonl"),
         "--domain-data", str(domain), "--sparsity", "0.25", "--sparsity-type", "row", "--num-samples", "6",
         "--seq-len", "16", "--output-dir", str(out), "--disable-tqdm", "true",
     ])
@@ -59,7 +60,7 @@ def test_cli_prune_writes_checkpoint_and_summary(tiny_model_dir, tmp_path, capsy
 def test_cli_bad_input_is_explained(tiny_model_dir, tmp_path, flags, message):
     (tmp_path / "d.txt").write_text(text(1, 200))
     with pytest.raises(ValueError) as info:
-        main(["prune", "--model", str(tiny_model_dir), "--general-data", str(tmp_path / "d.txt"),
+        main(["prune", "--method", "dpruner", "--model", str(tiny_model_dir), "--general-data", str(tmp_path / "d.txt"),
               "--domain-data", str(tmp_path / "d.txt"), "--output-dir", str(tmp_path / "o"), *flags])
     assert message in str(info.value)
 
@@ -89,7 +90,8 @@ def test_cli_eval_compares_pruned_and_dense(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "general.txt").write_text(text(3, 300))
     (tmp_path / "domain.txt").write_text(text(4, 300))
     out = tmp_path / "out"
-    main(["prune", "--model", str(tiny_model_dir), "--general-data", str(tmp_path / "general.txt"),
+    main(["prune", "--method", "dpruner",
+          "--model", str(tiny_model_dir), "--general-data", str(tmp_path / "general.txt"),
           "--domain-data", str(tmp_path / "domain.txt"), "--num-samples", "4", "--seq-len", "16",
           "--output-dir", str(out), "--disable-tqdm", "true"])
     capsys.readouterr()

@@ -118,7 +118,8 @@ def test_cli_prune_then_eval_puts_the_measured_perplexities_into_the_card(tiny_m
     (tmp_path / "general.txt").write_text(text(6, 400))
     out = tmp_path / "out"
     data = ["--general-data", str(tmp_path / "general.txt"), "--domain-data", str(tmp_path / "domain.txt")]
-    assert cli_main(["prune", "--model", str(tiny_model_dir), *data, "--num-samples", "4", "--seq-len", "16",
+    assert cli_main(["prune", "--method", "dpruner",
+                     "--model", str(tiny_model_dir), *data, "--num-samples", "4", "--seq-len", "16",
                      "--output-dir", str(out), "--disable-tqdm", "true"]) == 0
     before = ModelCard.load(out / "README.md")
     assert before.data.eval_results is None and "Not measured yet" in before.text

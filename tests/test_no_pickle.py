@@ -40,7 +40,8 @@ def test_cli_outputs_hold_no_pickle(tiny_model_dir, tmp_path):  # noqa: F811
     (tmp_path / "domain.txt").write_text(text(5, 600))
     (tmp_path / "general.txt").write_text(text(6, 400))
     pruned, recovered = tmp_path / "pruned", tmp_path / "recovered"
-    assert cli_main(["prune", "--model", str(tiny_model_dir), "--general-data", str(tmp_path / "general.txt"),
+    assert cli_main(["prune", "--method", "dpruner",
+                     "--model", str(tiny_model_dir), "--general-data", str(tmp_path / "general.txt"),
                      "--domain-data", str(tmp_path / "domain.txt"), "--num-samples", "4", "--seq-len", "16",
                      "--output-dir", str(pruned), "--disable-tqdm", "true"]) == 0
     assert cli_main(["recover", str(pruned), "--data", str(tmp_path / "domain.txt"), "--lora-r", "4",

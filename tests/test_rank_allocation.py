@@ -213,7 +213,8 @@ def test_cli_recover_writes_a_sparse_merged_checkpoint_and_the_adapter(tiny_mode
     (tmp_path / "domain.txt").write_text(text(5, 600))
     (tmp_path / "general.txt").write_text(text(6, 400))
     pruned_dir, out = tmp_path / "pruned", tmp_path / "recovered"
-    assert cli_main(["prune", "--model", str(tiny_model_dir), "--general-data", str(tmp_path / "general.txt"),
+    assert cli_main(["prune", "--method", "dpruner",
+                     "--model", str(tiny_model_dir), "--general-data", str(tmp_path / "general.txt"),
                      "--domain-data", str(tmp_path / "domain.txt"), "--num-samples", "4", "--seq-len", "16",
                      "--output-dir", str(pruned_dir), "--disable-tqdm", "true"]) == 0
     flags = ["--rank-allocation", allocation, "--lora-r", "8", "--num-samples", "6", "--seq-len", "16",

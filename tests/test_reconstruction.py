@@ -184,3 +184,12 @@ def test_the_new_methods_run_through_the_cli(tiny_model_dir, tmp_path):
         loaded = AutoPrunedModelForCausalLM.from_pretrained(out)
         assert loaded.pruning_sparsity()["overall"] == pytest.approx(0.5)
         assert get_method(method).title in (out / "README.md").read_text()
+
+
+def test_the_reconstruction_recipe_is_the_cli_default(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["prune", "--help"])
+    assert "dpruner-recon (D-Pruner (reconstruction recipe), default)" in " ".join(capsys.readouterr().out.split())
+    from hf_dpruner.commands.prune import PruneArguments
+
+    assert PruneArguments().method == "dpruner-recon"

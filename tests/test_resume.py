@@ -140,7 +140,7 @@ def _cli_inputs(tmp_path):
 def _prune_command(tmp_path, model_dir, out):
     import sys
 
-    return [sys.executable, "-m", "hf_dpruner.commands.cli", "prune", "--model", str(model_dir),
+    return [sys.executable, "-m", "hf_dpruner.commands.cli", "prune", "--method", "dpruner", "--model", str(model_dir),
             "--general-data", str(tmp_path / "general.txt"), "--domain-data", str(tmp_path / "domain.txt"),
             "--num-samples", "40", "--seq-len", "16", "--gradient-accumulation-steps", "1", "--save-steps", "1",
             "--output-dir", str(out), "--disable-tqdm", "true", "--report-to", "none"]

@@ -28,7 +28,9 @@ GENERAL_IMPORTANCE_NAME = "general_importance.safetensors"
 class PruneArguments:
     """What to prune and on which data."""
 
-    method: str = field(default="dpruner", metadata={"help": "Pruning method (the registered ones are listed)."})
+    method: str = field(
+        default="dpruner-recon", metadata={"help": "Pruning method (the registered ones are listed)."}
+    )
     calibration: str = field(
         default="domain",
         metadata={"help": "Data the single-text methods calibrate on: 'domain' (default, their strongest setting) or "
@@ -85,7 +87,7 @@ def parse(argv: list[str]) -> tuple[DPrunerConfig, ModelArguments, PruneArgument
     for action in parser._actions:  # the choices and help of --method come from the registry of methods
         if action.dest == "method":
             action.choices = method_names()
-            described = [f"{name} ({get_method(name).title}{', default' if name == 'dpruner' else ''})"
+            described = [f"{name} ({get_method(name).title}{', default' if name == action.default else ''})"
                          for name in method_names()]
             action.help = "Pruning method: " + "; ".join(described) + "."
     config, model_args, prune_args, training_args = parser.parse_args_into_dataclasses(argv)
