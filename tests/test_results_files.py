@@ -1,9 +1,9 @@
-"""Every benchmark results file says what produced it, and the README's figures are the ones those files hold.
+"""Every benchmark results file says what produced it, and the documented figures are the ones those files hold.
 
 `benchmarks/_meta.py` defines the metadata block each script writes (code commit, dirty flag, CLI arguments, CPU
 count, torch threads, date, versions). A results file without it fails here, with the command that re-measures it.
-The README figures below are recomputed from the results files with the scripts' own formatting; a README figure
-that no results file produces does not belong in the README.
+The figures of README.md and docs/*.md below are recomputed from the results files with the scripts' own
+formatting; a figure that no results file produces does not belong in the README or the docs.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 RESULTS = BENCH / "results"
 RESULTS_FILES = sorted(RESULTS.glob("*.json"))
-RERUN = {  # the command that re-measures each results file the README uses
+RERUN = {  # the command that re-measures each results file the README and docs use
     "full": "python benchmarks/run.py",
     "memory": "python benchmarks/memory.py --variants default score-pass bf16-importance score-pass-bf16",
     "pat": "python benchmarks/pat.py",
@@ -112,8 +112,14 @@ def _results(stem: str) -> dict:
     return json.loads((RESULTS / f"{stem}.json").read_text())
 
 
+def documented_text() -> str:
+    """README.md and docs/*.md, whitespace collapsed (line breaks inside sentences do not matter)."""
+    paths = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    return " ".join(" ".join(path.read_text(encoding="utf-8").split()) for path in paths)
+
+
 def readme_figures() -> list[tuple[str, str]]:
-    """(text the README states, results file it comes from), recomputed with the scripts' formatting."""
+    """(text the README or docs state, results file it comes from), recomputed with the scripts' formatting."""
     figures: list[tuple[str, str]] = []
     full = _results("full")
     rows = full["runs"]
@@ -208,7 +214,7 @@ def readme_figures() -> list[tuple[str, str]]:
 
 
 def test_readme_figures_are_the_results_files_figures():
-    readme = " ".join((ROOT / "README.md").read_text().split())  # line breaks inside sentences do not matter
-    missing = [f"{source}: {text}" for text, source in readme_figures() if " ".join(text.split()) not in readme]
-    assert not missing, "README figures that differ from their results file (update the README):\n" + "\n".join(
-        missing)
+    documented = documented_text()
+    missing = [f"{source}: {text}" for text, source in readme_figures() if " ".join(text.split()) not in documented]
+    assert not missing, ("README/docs figures that differ from their results file (update README.md or docs/*.md):\n"
+                         + "\n".join(missing))
