@@ -166,10 +166,10 @@ class DPrunerConfig(RecipeConfig):
         },
     )
     reconstruction_lr: float = field(
-        default=1e-4, metadata={"help": "'dpruner-recon': Adam learning rate of the block reconstruction."}
+        default=1e-3, metadata={"help": "'dpruner-recon': Adam learning rate of the block reconstruction."}
     )
     reconstruction_batch_size: int = field(
-        default=8, metadata={"help": "'dpruner-recon': calibration windows per block-reconstruction step."}
+        default=2, metadata={"help": "'dpruner-recon': calibration windows per block-reconstruction step."}
     )
 
     importance_dtype: str = field(
