@@ -319,7 +319,22 @@ def make_pruned(
 
 
 class AutoPrunedModelForCausalLM:
-    """Loads a checkpoint saved by hf_dpruner (local folder or Hub repo id) with its masks re-attached."""
+    """Loads a checkpoint saved by hf_dpruner (local folder or Hub repo id) with its masks re-attached.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                                      num_attention_heads=2, vocab_size=64))
+        >>> from hf_dpruner import DPrunerConfig
+        >>> from hf_dpruner.methods import prune_model
+        >>> args = TrainingArguments("out", report_to=[], disable_tqdm=True)
+        >>> pruned, _ = prune_model(model, None, "magnitude", DPrunerConfig(sparsity=0.5), args, None, None)
+        >>> pruned.save_pretrained("pruned")  # weights + pruning_masks.safetensors + pruning_config.json
+        >>> from hf_dpruner import AutoPrunedModelForCausalLM
+        >>> reloaded = AutoPrunedModelForCausalLM.from_pretrained("pruned")
+        >>> round(reloaded.pruning_sparsity()["overall"], 2)
+        0.5
+    """
 
     def __init__(self, *args, **kwargs) -> None:
         raise OSError("Use AutoPrunedModelForCausalLM.from_pretrained(...).")

@@ -57,6 +57,23 @@ class DPrunerTrainer(PrunedCheckpointSaving, ResumableDomainPass, Trainer):
         general_importance: precomputed G (dict), or a safetensors path: loaded if it exists, else computed and
             written there for reuse with other domains.
         Other arguments are those of `transformers.Trainer`.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                                      num_attention_heads=2, vocab_size=64))
+        >>> from datasets import Dataset
+        >>> from hf_dpruner import DPrunerConfig, DPrunerTrainer
+        >>> windows = Dataset.from_dict({"input_ids": [list(range(i, i + 16)) for i in range(8)]})  # or text
+        >>> trainer = DPrunerTrainer(
+        ...     model=model, args=TrainingArguments("out", per_device_train_batch_size=2, num_train_epochs=1,
+        ...                                         report_to=[], disable_tqdm=True, save_strategy="no"),
+        ...     dpruner_config=DPrunerConfig(sparsity=0.5, num_samples=4, seq_len=16),
+        ...     train_dataset=windows, general_dataset=windows)
+        >>> result = trainer.prune()  # general importance -> regularized domain pass -> masks; logs the pass
+        {...'train_loss'...}
+        >>> round(result.sparsity["overall"], 2)
+        0.5
     """
 
     def __init__(

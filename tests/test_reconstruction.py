@@ -189,7 +189,8 @@ def test_the_new_methods_run_through_the_cli(tiny_model_dir, tmp_path):
 def test_the_reconstruction_recipe_is_the_cli_default(capsys):
     with pytest.raises(SystemExit):
         cli_main(["prune", "--help"])
-    assert "dpruner-recon (D-Pruner (reconstruction recipe), default)" in " ".join(capsys.readouterr().out.split())
+    title = get_method("dpruner-recon").title
+    assert f"dpruner-recon ({title}, default)" in " ".join(capsys.readouterr().out.split())
     from hf_dpruner.commands.prune import PruneArguments
 
     assert PruneArguments().method == "dpruner-recon"

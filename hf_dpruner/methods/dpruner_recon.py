@@ -9,7 +9,7 @@ from .dual_blockwise import DualBlockwiseMethod
 @register_method
 class DPrunerRecon(DualBlockwiseMethod):
     name = "dpruner-recon"
-    title = "D-Pruner (reconstruction recipe)"
+    title = "Dual-calibration OBS with block reconstruction (hf_dpruner's default recipe)"
     description = (
         "Dual pruning with reconstruction: one decoder block at a time, the mask is chosen and the kept weights are "
         "updated by OBS (SparseGPT) on a Hessian that blends domain and general text, then the block's kept weights "
@@ -17,8 +17,11 @@ class DPrunerRecon(DualBlockwiseMethod):
         "already-pruned blocks."
     )
     citation = (
-        "Nan Zhang et al. *Pruning as a Domain-specific LLM Extractor*. Findings of NAACL 2024. arXiv:2405.06275; "
-        "Elias Frantar, Dan Alistarh. *SparseGPT*. ICML 2023. arXiv:2301.00774."
+        "Builds on: Elias Frantar, Dan Alistarh. *SparseGPT*. ICML 2023. arXiv:2301.00774; Miles Williams et al. "
+        "*Compressing Language Models for Specialized Domains* (cross-calibration). arXiv:2502.18424; Nan Zhang et "
+        "al. *Pruning as a Domain-specific LLM Extractor* (D-Pruner). Findings of NAACL 2024. arXiv:2405.06275; "
+        "Christophe Roux et al. *A Free Lunch in LLM Compression: Revisiting Retraining after Pruning*. "
+        "arXiv:2510.14444."
     )
     default_general_weight = 0.5
     reconstruct = True

@@ -35,6 +35,23 @@ class PATTrainer(Trainer):
         train_dataset: a tokenized `Dataset` (``input_ids``), a `Dataset` with a ``text`` column, a list of strings,
             a file/folder path or a bundled corpus name; text is cut into `num_samples` windows of `seq_len` tokens.
         Other arguments are those of `transformers.Trainer`.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                                      num_attention_heads=2, vocab_size=64))
+        >>> from datasets import Dataset
+        >>> from hf_dpruner.pat import PATConfig, PATTrainer
+        >>> data = Dataset.from_dict({"input_ids": [list(range(i, i + 16)) for i in range(8)]})
+        >>> args = TrainingArguments("out", max_steps=4, per_device_train_batch_size=2, report_to=[],
+        ...                          disable_tqdm=True, save_strategy="no")
+        >>> trainer = PATTrainer(model=model, args=args, pat_config=PATConfig(pruning_ratio=0.25),
+        ...                      train_dataset=data)
+        >>> _ = trainer.train()  # logs the run's metrics
+        {...'train_loss'...}
+        >>> small = trainer.export("small")  # a standard checkpoint with a smaller hidden size
+        >>> small.config.hidden_size
+        24
     """
 
     def __init__(

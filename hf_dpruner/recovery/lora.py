@@ -31,6 +31,22 @@ def get_masked_peft_model(
     training, `merge_and_unload` and `merge_masked_lora` keep its pruned weights at exactly 0.
 
     `lora_config` is copied, not modified. Other keyword arguments go to `peft.get_peft_model`.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                                      num_attention_heads=2, vocab_size=64))
+        >>> from hf_dpruner import DPrunerConfig
+        >>> from hf_dpruner.methods import prune_model
+        >>> args = TrainingArguments("out", report_to=[], disable_tqdm=True)
+        >>> pruned, _ = prune_model(model, None, "magnitude", DPrunerConfig(sparsity=0.5), args, None, None)
+        >>> from peft import LoraConfig
+        >>> from hf_dpruner import get_masked_peft_model
+        >>> keep = pruned.pruning_masks["model.layers.0.self_attn.q_proj.weight"]
+        >>> peft_model = get_masked_peft_model(pruned, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        >>> merged = peft_model.merge_and_unload()  # the merged weights keep the pruned entries at 0
+        >>> bool((merged.model.layers[0].self_attn.q_proj.weight[~keep] == 0).all())
+        True
     """
     _check_pruned(model, "get_masked_peft_model")
     peft_model = get_peft_model(model, _masked_config(lora_config, model), adapter_name=adapter_name, **kwargs)
