@@ -62,8 +62,9 @@ def stage_seconds(prune_stdout: str) -> dict[str, float]:
 
 def measure_variant(name: str, args: argparse.Namespace, folder: Path) -> dict:
     out = folder / f"smollm2-{args.domain}-{name}"
-    prune = [*CLI, "prune", "--domain", args.domain, "--sparsity", str(args.sparsity), "--seed", str(args.seed),
-             *VARIANTS[name], *shlex.split(args.extra_prune_args), "--output-dir", str(out), "--disable-tqdm", "true"]
+    prune = [*CLI, "prune", "--method", "dpruner", "--domain", args.domain, "--sparsity", str(args.sparsity),
+             "--seed", str(args.seed), *VARIANTS[name], *shlex.split(args.extra_prune_args), "--output-dir", str(out),
+             "--disable-tqdm", "true"]
     print(f"[cli] {name}: {shlex.join(prune[2:])}", file=sys.stderr, flush=True)
     stdout, seconds, peak_mib = run_measured(prune)
     tasks = ["--tasks", *args.tasks] if args.tasks and name == "default" else []
