@@ -1,5 +1,5 @@
 """Command-line benchmark: the quick start's `hf-dpruner prune` + `hf-dpruner eval`, as a user runs them, for the
-domain-pass / importance-dtype variants of the README's Scale section, on the embedded SmolLM2-135M.
+domain-pass / importance-dtype variants of docs/scale.md, on the embedded SmolLM2-135M.
 
     python benchmarks/cli.py                                   # the 4 variants, medical, 50%, seed 42
     python benchmarks/cli.py --tasks dpruner_mmlu_medical   # + MMLU on the default variant (the lm-eval extra)

@@ -94,7 +94,7 @@ def holders(trainer) -> dict[str, float]:
         "G in the regularizer (beyond the shared G)": list(reg.importance.values()) if reg else [],
         "W0 (regularizer.reference)": list(reg.reference.values()) if reg else [],
         "S (domain scores)": list(dom.scores.values()) if dom else [],
-        "_other_reference": list(getattr(trainer, "_other_reference", {}).values()),
+        "_other_reference": list(trainer.pruning_state.reference.values()),  # W0 of the other trainable weights
         "gradients still held": [p.grad for p in trainer.model.parameters()],
         "optimizer state": [v for st in (opt.state.values() if opt else []) for v in st.values()
                             if hasattr(v, "shape")],

@@ -3,7 +3,8 @@
 from .config import DPrunerConfig
 from .modeling import AutoPrunedModelForCausalLM, PrunedModelMixin, make_pruned
 from .recovery import get_masked_peft_model, load_masked_adapter, merge_masked_lora
-from .trainer import DPrunerTrainer, PruningResult
+from .stages import PruningResult
+from .trainer import DPrunerTrainer
 from .version import __version__
 
 __all__ = [

@@ -1,14 +1,13 @@
-"""`DPrunerTrainer`: a `transformers.Trainer` that runs D-Pruner's three stages and keeps the masks."""
+"""`DPrunerTrainer`: a `transformers.Trainer` that drives D-Pruner's three stages (`hf_dpruner.stages`) and keeps
+the masks. The trainer holds the `Trainer` parts: the regularized loss, the domain pass (a fine-tune or a score
+pass), its checkpoints and resume."""
 
 from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from datasets import Dataset
@@ -20,14 +19,20 @@ from transformers.utils import logging
 from .callbacks import DomainImportanceCallback, KeepMasksCallback
 from .config import DPrunerConfig
 from .data import describe_source, prepare_calibration_dataset
-from .distributed import all_reduce_sum_, broadcast_from_main_, shard, world
+from .distributed import all_reduce_sum_, shard, world
 from .fingerprint import model_fingerprint, windows_fingerprint
-from .importance import DomainImportance, OBSImportance, general_scorer, save_importance
+from .importance import save_importance
 from .importance.domain import raise_missing_gradients
-from .masks import compute_masks, sparsity_report
-from .modeling import make_pruned
-from .regularizer import GeneralImportanceRegularizer
+from .masks import sparsity_report
 from .resume import ResumableDomainPass, last_complete_checkpoint
+from .stages import (
+    DomainImportanceStage,
+    GeneralImportanceStage,
+    PruningResult,
+    PruningState,
+    SelectMasksStage,
+    run_stages,
+)
 from .step_penalty import add_step_penalty, loss_is_scaled_for_ga
 from .targets import find_prunable_weights
 from .trainer_saving import PrunedCheckpointSaving
@@ -36,14 +41,10 @@ from .trainer_setup import calibration_trainer_inputs
 logger = logging.get_logger(__name__)
 
 
-@dataclass
-class PruningResult:
-    """What `DPrunerTrainer.prune` produced."""
-
-    masks: dict[str, torch.Tensor]
-    sparsity: dict[str, Any]
-    stage_seconds: dict[str, float] = field(default_factory=dict)
-    domain_steps: int = 0
+def _state_attribute(name: str, doc: str) -> property:
+    """A trainer attribute that reads and writes the field `name` of the trainer's `PruningState`."""
+    return property(lambda self: getattr(self.pruning_state, name),
+                    lambda self, value: setattr(self.pruning_state, name, value), doc=doc)
 
 
 class DPrunerTrainer(PrunedCheckpointSaving, ResumableDomainPass, Trainer):
@@ -113,18 +114,13 @@ class DPrunerTrainer(PrunedCheckpointSaving, ResumableDomainPass, Trainer):
             "domain_data": windows_fingerprint(train_dataset),
         }
         self.general_importance_path = None
-        self.general_importance: dict[str, torch.Tensor] | None = None
-        # {parameter name: damping used} for the Hessians of stage 1 that needed more than cfg.damping; None when
-        # unknown (G given as a dict, or read from a cache that does not say) or when no Hessian was factorised
-        self.increased_damping: dict[str, float] | None = None
+        self.pruning_state = PruningState(self.model, prunable, cfg)  # G, S, masks: what the stages share
         if isinstance(general_importance, (str, os.PathLike)):
             self.general_importance_path = Path(general_importance)
             if self.general_importance_path.exists():
                 self.general_importance = self._load_general_cache(self.general_importance_path)
         elif general_importance is not None:
             self.general_importance = self._store_importance(dict(general_importance))
-        self.regularizer: GeneralImportanceRegularizer | None = None
-        self.domain_importance: DomainImportance | None = None
         self.add_callback(KeepMasksCallback())
 
     # ---- the refined loss ----
@@ -155,6 +151,18 @@ class DPrunerTrainer(PrunedCheckpointSaving, ResumableDomainPass, Trainer):
             if self.regularizer is not None:
                 self.regularizer.disarm()
 
+    # ---- the shared state, as attributes ----
+
+    general_importance = _state_attribute("general_importance", "G, `{parameter name: tensor}` (stage 1).")
+    increased_damping = _state_attribute(
+        "increased_damping", "{parameter name: damping used} for the stage-1 Hessians that needed more than "
+        "`damping`; None when unknown or when no Hessian was factorised.")
+    regularizer = _state_attribute("regularizer", "The general-importance regularizer of the domain pass (stage 2).")
+    domain_importance = _state_attribute("domain_importance", "S, accumulated over the domain pass (stage 2).")
+
+    def _store_importance(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.pruning_state.store_importance(scores)
+
     # ---- the three stages ----
 
     def _calibration_batches(self, dataset: Dataset) -> list[dict[str, torch.Tensor]]:
@@ -173,83 +181,82 @@ class DPrunerTrainer(PrunedCheckpointSaving, ResumableDomainPass, Trainer):
                 f"num_samples to a multiple of {per_step}."
             )
 
-    def _importance_storage(self) -> tuple[torch.dtype, torch.device | None]:
-        """Dtype and device of the importance buffers (None: each weight's own device)."""
-        cfg = self.dpruner_config
-        return getattr(torch, cfg.importance_dtype), (torch.device("cpu") if cfg.offload_importance else None)
-
-    def _store_importance(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """`scores` cast to the importance dtype and device in place, one matrix at a time (never two full copies)."""
-        dtype, device = self._importance_storage()
-        for name in list(scores):
-            target = device if device is not None else self.prunable[name].weight.device
-            scores[name] = scores[name].to(target, dtype)
-        return scores
-
-    def compute_general_importance(self) -> dict[str, torch.Tensor]:
-        """Stage 1: G on the general data (cached to `general_importance` path if one was given)."""
-        if self.general_importance is not None:
-            return self.general_importance
-        if self.general_dataset is None:
+    def general_importance_stage(self) -> GeneralImportanceStage:
+        """Stage 1 on this trainer's general data, writing the `general_importance` cache when a path was given."""
+        if self.general_importance is None and self.general_dataset is None:
             raise ValueError("Stage 1 needs open-domain text: pass `general_dataset=` or `general_importance=`.")
+        return GeneralImportanceStage(
+            batches=lambda: self._calibration_batches(self.general_dataset), disable_tqdm=self.args.disable_tqdm,
+            on_computed=self._write_general_cache,
+        )
+
+    def _write_general_cache(self, state: PruningState) -> None:
+        if self.general_importance_path is None or not self.args.should_save:
+            return
         cfg = self.dpruner_config
-        scorer = general_scorer(cfg.general_estimator, cfg.damping)
-        batches = self._calibration_batches(self.general_dataset)
-        scores = scorer.score(self.model, self.prunable, batches, disable_tqdm=self.args.disable_tqdm)
-        self.increased_damping = scorer.increased_damping if isinstance(scorer, OBSImportance) else None
-        self.general_importance = self._store_importance(scores)
-        if self.general_importance_path is not None and self.args.should_save:
-            description = {"estimator": cfg.general_estimator, "num_samples": len(self.general_dataset),
-                           "seq_len": cfg.seq_len}
-            if self.increased_damping is not None:
-                description["increased_damping"] = self.increased_damping
-            save_importance(
-                self.general_importance, self.general_importance_path, description, self.general_fingerprint()
-            )
-        return self.general_importance
+        description = {"estimator": cfg.general_estimator, "num_samples": len(self.general_dataset),
+                       "seq_len": cfg.seq_len}
+        if state.increased_damping is not None:
+            description["increased_damping"] = state.increased_damping
+        save_importance(state.general_importance, self.general_importance_path, description,
+                        self.general_fingerprint())
 
-    def compute_domain_importance(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, torch.Tensor]:
-        """Stage 2: S from the gradients of the regularized loss on the domain data.
-
-        `resume_from_checkpoint` (the ``finetune`` pass only): a checkpoint folder written during an earlier run of
-        the same pass, or True for the newest complete one in ``args.output_dir``; S and its step count are restored
-        with the Trainer's state, and the run's fingerprint must match the checkpoint's."""
+    def domain_importance_stage(self, resume_from_checkpoint: str | bool | None = None) -> DomainImportanceStage:
+        """Stage 2 over this trainer's domain data: `Trainer.train` for the ``finetune`` pass (resumable from a
+        checkpoint folder, or True for the newest complete one in ``args.output_dir``), the score pass otherwise."""
         if self.train_dataset is None:
             raise ValueError("Stage 2 needs domain text: pass `train_dataset=` (the domain calibration data).")
-        cfg = self.dpruner_config
-        finetune = cfg.domain_pass == "finetune"
+        finetune = self.dpruner_config.domain_pass == "finetune"
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 raise ValueError(f"No complete domain-pass checkpoint in {self.args.output_dir} to resume from.")
         if resume_from_checkpoint and not finetune:
             raise ValueError("The 'score' domain pass writes no checkpoints; resume_from_checkpoint needs 'finetune'.")
-        bound = None
-        if finetune and cfg.clamp_general_importance:
-            bound = GeneralImportanceRegularizer.sgd_stable_bound(cfg.regularization_lambda, self.args.learning_rate)
-        dtype, device = self._importance_storage()
-        self.regularizer = GeneralImportanceRegularizer(
-            self.prunable, self.compute_general_importance(), cfg.regularization_lambda, bound,
-            keep_reference=finetune, storage_device=device,
-        )
         self._check_even_domain_shards()
-        self.domain_importance = DomainImportance(self.prunable, cfg.domain_score, dtype, device, self.args.seed)
-        if finetune and cfg.apply_masks_to == "original":
-            # the fine-tune moves every trainable parameter; the targets' W0 is already held by the regularizer
-            self._other_reference = {
-                name: p.detach().to(device if device is not None else p.device, copy=True)
-                for name, p in self.model.named_parameters()
-                if p.requires_grad and name not in self.prunable
-            }
-        if finetune:
-            callback = DomainImportanceCallback(self.domain_importance)
+
+        def run_pass(state: PruningState) -> None:
+            if not finetune:
+                return self._score_domain()
+            callback = DomainImportanceCallback(state.domain_importance)
             self.add_callback(callback)
             try:
                 self.train(resume_from_checkpoint=resume_from_checkpoint or None)
             finally:
                 self.remove_callback(callback)
-        else:
-            self._score_domain()
+
+        return DomainImportanceStage(run_pass=run_pass, learning_rate=self.args.learning_rate, seed=self.args.seed)
+
+    def select_masks_stage(self) -> SelectMasksStage:
+        """Stage 3, recording this run's method, base model and calibration data in ``pruning_config.json``."""
+        record = {
+            "method": "dpruner",
+            "base_model": getattr(self.model.config, "_name_or_path", None),
+            "calibration": {
+                "general_samples": len(self.general_dataset) if self.general_dataset is not None else None,
+                "domain_samples": len(self.train_dataset),
+                "seq_len": self.dpruner_config.seq_len,
+                **{key: name for key, name in self.data_sources.items() if name is not None},
+            },
+        }
+        return SelectMasksStage(record=record, disable_tqdm=self.args.disable_tqdm)
+
+    def compute_general_importance(self) -> dict[str, torch.Tensor]:
+        """Stage 1: G on the general data (cached to `general_importance` path if one was given)."""
+        if self.general_importance is None:
+            run_stages([self.general_importance_stage()], self.pruning_state)
+        return self.general_importance
+
+    def compute_domain_importance(self, resume_from_checkpoint: str | bool | None = None) -> dict[str, torch.Tensor]:
+        """Stage 2 (after stage 1 if G is not there yet): S from the gradients of the regularized loss on the
+        domain data.
+
+        `resume_from_checkpoint` (the ``finetune`` pass only): a checkpoint folder written during an earlier run of
+        the same pass, or True for the newest complete one in ``args.output_dir``; S and its step count are restored
+        with the Trainer's state, and the run's fingerprint must match the checkpoint's."""
+        stage = self.domain_importance_stage(resume_from_checkpoint)
+        self.compute_general_importance()
+        run_stages([stage], self.pruning_state)
         return self.domain_importance.scores
 
     def _score_domain(self) -> None:
@@ -323,48 +330,17 @@ class DPrunerTrainer(PrunedCheckpointSaving, ResumableDomainPass, Trainer):
             for p in frozen:
                 p.requires_grad_(True)
 
-    @torch.no_grad()
-    def _restore_original_weights(self) -> None:
-        self.regularizer.restore()
-        params = dict(self.model.named_parameters())
-        for name, value in getattr(self, "_other_reference", {}).items():
-            params[name].copy_(value)
-        self._other_reference = {}
-
     def prune(self, resume_from_checkpoint: str | bool | None = None) -> PruningResult:
         """Run general importance -> regularized domain pass -> masks, and make `self.model` a pruned model.
 
         `resume_from_checkpoint` continues an interrupted ``finetune`` domain pass (see
         `compute_domain_importance`); with a `general_importance` cache path, stage 1 is not recomputed either."""
-        cfg = self.dpruner_config
-        self._check_even_domain_shards()  # before stage 1, so that a bad split costs nothing
-        seconds: dict[str, float] = {}
-        start = time.perf_counter()
-        self.compute_general_importance()
-        seconds["general_importance"] = time.perf_counter() - start
-        start = time.perf_counter()
-        scores = self.compute_domain_importance(resume_from_checkpoint)
-        seconds["domain_importance"] = time.perf_counter() - start
-        start = time.perf_counter()
-        masks = compute_masks(scores, self.prunable, cfg, disable_tqdm=self.args.disable_tqdm)
-        broadcast_from_main_(masks)  # equal on every rank already, up to rounding; make them identical
-        if cfg.apply_masks_to == "original":
-            self._restore_original_weights()
-        record = {
-            "method": "dpruner",
-            "base_model": getattr(self.model.config, "_name_or_path", None),
-            "calibration": {
-                "general_samples": len(self.general_dataset) if self.general_dataset is not None else None,
-                "domain_samples": len(self.train_dataset),
-                "seq_len": cfg.seq_len,
-                "domain_steps": self.domain_importance.num_updates,
-                **{key: name for key, name in self.data_sources.items() if name is not None},
-            },
-        }
-        if self.increased_damping is not None:  # {} when every Hessian factorised with cfg.damping
-            record["calibration"]["increased_damping"] = dict(self.increased_damping)
-        make_pruned(self.model, masks, cfg, record, apply=True)
-        seconds["masks"] = time.perf_counter() - start
-        self.regularizer = None  # the pruned model is trained with the plain LM loss from here on
+        stages = [  # built first, so that bad data or a bad resume folder fail before any work
+            self.general_importance_stage(),
+            self.domain_importance_stage(resume_from_checkpoint),
+            self.select_masks_stage(),
+        ]
+        state = run_stages(stages, self.pruning_state)
         self.optimizer, self.lr_scheduler = None, None  # the domain pass's Adam moments must not revive weights
-        return PruningResult(masks, sparsity_report(masks), seconds, self.domain_importance.num_updates)
+        steps = state.domain_importance.num_updates
+        return PruningResult(state.masks, sparsity_report(state.masks), dict(state.seconds), steps)

@@ -17,7 +17,7 @@ from ..corpora import DOMAIN_CORPORA, GENERAL_CORPUS
 from ..data import load_texts
 from ..methods import CALIBRATION_CHOICES, get_method, method_names, prune_model
 from ..resume import last_complete_checkpoint
-from ..trainer import PruningResult
+from ..stages import PruningResult
 from .model_args import ModelArguments, load_model
 
 RUN_SUFFIX = ".dpruner-run"

@@ -24,7 +24,7 @@ import os
 import time
 from abc import ABC
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch.utils.data import DataLoader
@@ -34,9 +34,7 @@ from ..config import DPrunerConfig
 from ..data import CausalLMCollator, batches_to_device, build_windows
 from ..masks import sparsity_report
 from ..modeling import make_pruned
-
-if TYPE_CHECKING:
-    from ..trainer import PruningResult
+from ..stages import PruningResult
 
 Batches = Sequence[Mapping[str, torch.Tensor]]
 CALIBRATION_CHOICES = ("domain", "general")
@@ -95,8 +93,6 @@ class PruningMethod(ABC):
     ) -> tuple[PreTrainedModel, PruningResult]:
         """Calibration windows from the texts (``config.num_samples`` of ``config.seq_len`` tokens each), `prune`,
         and the masks attached (`make_pruned`); the D-Pruner-only arguments are ignored here."""
-        from ..trainer import PruningResult
-
         if calibration not in CALIBRATION_CHOICES:
             raise ValueError(f"calibration must be one of {CALIBRATION_CHOICES}, got {calibration!r}.")
         batches = general_batches = None

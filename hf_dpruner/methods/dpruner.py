@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
 from ..config import DPrunerConfig
-from ..trainer import DPrunerTrainer, PruningResult
+from ..stages import PruningResult
+from ..trainer import DPrunerTrainer
 from .base import PruningMethod, register_method
 
 
