@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from datasets import Dataset
+from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging
 
@@ -188,3 +189,26 @@ class CausalLMCollator:
 def batches_to_device(batches, device: torch.device | str) -> list[dict[str, Any]]:
     """Each batch (a dict) with its tensors moved to `device`."""
     return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()} for batch in batches]
+
+
+def collate_batches(windows: Dataset, batch_size: int, pad_token_id: int | None, device: torch.device | str = "cpu"
+                    ) -> list[dict[str, Any]]:
+    """`windows` in order, collated into batches of `batch_size` (`CausalLMCollator`), tensors on `device`."""
+    loader = DataLoader(windows, batch_size=batch_size, collate_fn=CausalLMCollator(pad_token_id))
+    return batches_to_device(loader, device)
+
+
+def calibration_batches(
+    texts: Sequence[str],
+    tokenizer: PreTrainedTokenizerBase,
+    seq_len: int,
+    num_samples: int,
+    batch_size: int,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> list[dict[str, Any]]:
+    """`num_samples` windows of `seq_len` tokens from `texts` (`build_windows`, shuffled with `seed`), in batches of
+    `batch_size` on `device`: the calibration batches every pruning method gets."""
+    windows = build_windows(texts, tokenizer, seq_len, num_samples, seed)
+    return collate_batches(windows, batch_size, tokenizer.pad_token_id, device)
+

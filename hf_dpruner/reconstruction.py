@@ -47,7 +47,8 @@ def reconstruct_block(
     batch_weights: Sequence[float] | None = None,
     anchor: Callable[[], torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[float, float]:
+    measure: bool = True,
+) -> tuple[float, float] | None:
     """Train the masked parameters of `block` so that ``block(hidden, *args, **kwargs)`` reproduces `targets`.
 
     Args:
@@ -60,6 +61,8 @@ def reconstruct_block(
         batch_weights: weight of each batch's mean squared error in the loss (default 1 each).
         anchor: optional extra loss term (e.g. a penalty that keeps important weights near their values).
         generator: for the batch order (reproducible runs).
+        measure: measure the errors (two more passes over the batches); False returns None, for callers that
+            run the block on the same inputs afterwards anyway (see `output_error`).
 
     Returns:
         ``(error before, error after)``: the weighted mean squared error over all batches, relative to the
@@ -77,7 +80,7 @@ def reconstruct_block(
     was_training = block.training
     block.eval()  # no dropout: reproduce the deterministic outputs
     try:
-        before = relative_error(block, inputs, targets, weights)
+        before = relative_error(block, inputs, targets, weights) if measure else None
         if epochs > 0 and params:
             optimizer = torch.optim.Adam(params, lr=lr)
             total = sum(weights) / len(weights)
@@ -96,13 +99,13 @@ def reconstruct_block(
                             for p, keep in masks.items():
                                 p.mul_(keep)
             del optimizer
-        after = relative_error(block, inputs, targets, weights)
+        after = relative_error(block, inputs, targets, weights) if measure else None
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
             p.grad = None
         block.train(was_training)
-    return before, after
+    return (before, after) if measure else None
 
 
 @torch.no_grad()
@@ -113,10 +116,18 @@ def relative_error(
     batch_weights: Sequence[float] | None = None,
 ) -> float:
     """Weighted ``Σ ||block(x) − y||² / Σ ||y||²`` over the batches (0 = the targets exactly)."""
-    weights = list(batch_weights) if batch_weights is not None else [1.0] * len(inputs)
+    outputs = [_first(block(hidden, *args, **kwargs)) for hidden, args, kwargs in inputs]
+    return output_error(outputs, targets, batch_weights)
+
+
+@torch.no_grad()
+def output_error(
+    outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], batch_weights: Sequence[float] | None = None
+) -> float:
+    """Weighted ``Σ ||output − target||² / Σ ||target||²`` over the batches (0 = the targets exactly)."""
+    weights = list(batch_weights) if batch_weights is not None else [1.0] * len(outputs)
     error = norm = 0.0
-    for (hidden, args, kwargs), target, weight in zip(inputs, targets, weights, strict=True):
-        out = _first(block(hidden, *args, **kwargs)).float()
-        error += weight * float((out - target.float()).pow(2).sum())
+    for out, target, weight in zip(outputs, targets, weights, strict=True):
+        error += weight * float((out.float() - target.float()).pow(2).sum())
         norm += weight * float(target.float().pow(2).sum())
     return error / max(norm, 1e-30)

@@ -15,7 +15,7 @@ from hf_dpruner.importance.sparsegpt import sparsegpt_prune
 from hf_dpruner.layerwise import BlockStep, capture_block_inputs
 from hf_dpruner.methods import get_method
 from hf_dpruner.methods.dual_blockwise import rebatch
-from hf_dpruner.reconstruction import blended_hessian, reconstruct_block, relative_error
+from hf_dpruner.reconstruction import blended_hessian, output_error, reconstruct_block, relative_error
 from hf_dpruner.targets import decoder_layers
 
 from testing_utils import build_tiny, make_batches, text
@@ -84,6 +84,24 @@ def test_block_reconstruction_lowers_the_error_and_keeps_the_masks_exact():
         assert bool((p[~keep] == 0).all()) and int((p != 0).sum()) <= counts[p]
         assert not p.requires_grad or p.grad is None  # gradients released, flags restored
     assert all(p.requires_grad for p in block.parameters())  # the model's own flags are back
+
+
+def test_block_reconstruction_without_measuring_trains_the_same_weights():
+    model = build_tiny("llama")
+    block, inputs, targets = _inputs_and_targets(model, make_batches(4, 2, 16))
+    masks = _prune_block_by_magnitude(block)
+    twin = copy.deepcopy(block)
+    twin_masks = {dict(twin.named_parameters())[n]: masks[p] for n, p in block.named_parameters() if p in masks}
+    _, after = reconstruct_block(block, inputs, targets, masks, epochs=2, lr=3e-3,
+                                 generator=torch.Generator().manual_seed(0))
+    assert reconstruct_block(twin, inputs, targets, twin_masks, epochs=2, lr=3e-3,
+                             generator=torch.Generator().manual_seed(0), measure=False) is None
+    for (name, p), q in zip(block.named_parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    with torch.no_grad():
+        outputs = [twin(hidden, *args, **kwargs) for hidden, args, kwargs in inputs]
+    outputs = [out[0] if isinstance(out, tuple) else out for out in outputs]
+    assert output_error(outputs, targets) == pytest.approx(after)
 
 
 def test_block_reconstruction_leaves_an_exact_block_unchanged():
@@ -161,7 +179,7 @@ def test_dpruner_recon_keeps_exact_masks_and_lowers_the_last_block_error(sparsit
                 assert int((~keep).sum()) == round(0.5 * keep.numel())
         if epochs:
             assert set(method.block_errors) == {0, 1}
-            assert all(after < before for before, after in method.block_errors.values())
+            assert all(0.0 < error < 1.0 for error in method.block_errors.values())  # after reconstruction
         with torch.no_grad():
             outputs[label] = model(**domain[0], output_hidden_states=True).hidden_states[-1]
     with torch.no_grad():

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0 if argv else 2
     if argv[0] in ("-V", "--version"):
-        from hf_dpruner import __version__
+        from ..version import __version__
 
         print(__version__)
         return 0

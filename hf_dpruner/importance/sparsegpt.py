@@ -13,8 +13,9 @@ from __future__ import annotations
 import torch
 from transformers.utils import logging
 
-from ..config import parse_n_m
+from ..config import DPrunerConfig, parse_n_m
 from ..masks import lowest_k_mask, topk_mask
+from ..targets import PrunableWeight
 
 logger = logging.get_logger(__name__)
 
@@ -135,6 +136,22 @@ def sparsegpt_prune(
         w[:, start:end] = block
         w[:, end:].addmm_(errors, upper[start:end, end:], alpha=-1.0)
     return w.to(weight.dtype), keep
+
+
+@torch.no_grad()
+def sparsegpt_prune_weight(
+    weight: PrunableWeight, hessian: torch.Tensor, config: DPrunerConfig, increased_damping: dict[str, float]
+) -> torch.Tensor:
+    """Prune one target weight in place with SparseGPT on its input Hessian (``2XᵀX/n``, or a blend): mask selection
+    and OBS update at ``config.sparsity_for(name)`` in ``config.sparsity_type``; Hessians that need more damping than
+    ``config.damping`` are noted in `increased_damping`. Returns the keep-mask in the weight's layout."""
+    new_weight, keep = sparsegpt_prune(
+        weight.as_out_in(weight.weight.detach()), hessian, config.sparsity_for(weight.name), config.sparsity_type,
+        config.damping, name=weight.name, increased_damping=increased_damping,
+    )
+    # as_out_in is a transpose for Conv1D (its own inverse) and the identity for nn.Linear: back to the layout
+    weight.weight.copy_(weight.as_out_in(new_weight))
+    return weight.as_out_in(keep).contiguous()
 
 
 def _block_mask(saliency: torch.Tensor, sparsity: float, sparsity_type: str, rows: int, start: int, end: int):

@@ -27,11 +27,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, TrainingArguments
 
 from ..config import DPrunerConfig
-from ..data import CausalLMCollator, batches_to_device, build_windows
+from ..data import calibration_batches
 from ..masks import sparsity_report
 from ..modeling import make_pruned
 from ..stages import PruningResult
@@ -98,10 +97,11 @@ class PruningMethod(ABC):
         batches = general_batches = None
         if self.data == "one":
             texts = domain_texts if calibration == "domain" else general_texts
-            batches = self._batches(texts, calibration, model, tokenizer, config, training_args)
+            batches = self.calibration_batches(texts, calibration, model, tokenizer, config, training_args)
         elif self.data == "both":
-            batches = self._batches(domain_texts, "domain", model, tokenizer, config, training_args)
-            general_batches = self._batches(general_texts, "general", model, tokenizer, config, training_args)
+            batches = self.calibration_batches(domain_texts, "domain", model, tokenizer, config, training_args)
+            general_batches = self.calibration_batches(general_texts, "general", model, tokenizer, config,
+                                                       training_args)
         start = time.perf_counter()
         masks = self.prune(model, batches, config, general_batches=general_batches,
                            disable_tqdm=training_args.disable_tqdm)
@@ -119,13 +119,23 @@ class PruningMethod(ABC):
         make_pruned(model, masks, config, record)
         return model, PruningResult(masks, sparsity_report(masks), seconds)
 
-    def _batches(self, texts, which, model, tokenizer, config, training_args) -> list[dict[str, torch.Tensor]]:
+    def calibration_batches(
+        self,
+        texts: Sequence[str] | None,
+        which: str,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        config: DPrunerConfig,
+        training_args: TrainingArguments,
+    ) -> list[dict[str, torch.Tensor]]:
+        """The method's calibration batches from `texts` (the `which` text: "domain" or "general"):
+        `config.num_samples` windows of `config.seq_len` tokens, seeded by ``training_args.seed``, in batches of
+        ``per_device_train_batch_size`` on the model's device."""
         if not texts:
             raise ValueError(f"{self.name} calibrates on the {which} text, but none was given.")
-        windows = build_windows(texts, tokenizer, config.seq_len, config.num_samples, training_args.seed)
-        loader = DataLoader(windows, batch_size=training_args.per_device_train_batch_size,
-                            collate_fn=CausalLMCollator(tokenizer.pad_token_id))
-        return batches_to_device(loader, next(model.parameters()).device)
+        return calibration_batches(texts, tokenizer, config.seq_len, config.num_samples,
+                                   training_args.per_device_train_batch_size, training_args.seed,
+                                   next(model.parameters()).device)
 
 
 def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
@@ -206,7 +216,7 @@ def prune_model(
 
         which = "general" if pruning_method.data == "one" and calibration == "general" else "domain"
         texts = general_texts if which == "general" else domain_texts
-        batches = pruning_method._batches(texts, which, model, tokenizer, config, training_args)
+        batches = pruning_method.calibration_batches(texts, which, model, tokenizer, config, training_args)
         config = dataclasses.replace(
             config, layer_sparsity=owl_layer_sparsity(model, batches, config, training_args.disable_tqdm)
         )

@@ -17,17 +17,21 @@ from tqdm.auto import tqdm
 
 from ..config import DPrunerConfig
 from ..data import batches_to_device
-from ..importance.sparsegpt import sparsegpt_prune
+from ..importance.sparsegpt import sparsegpt_prune_weight
 from ..layerwise import BlockStep, capture_block_inputs, input_statistics
-from ..reconstruction import blended_hessian, reconstruct_block
+from ..reconstruction import blended_hessian, output_error, reconstruct_block
 from ..targets import decoder_layers, find_prunable_weights, group_by_block
 from .base import Batches, PruningMethod
 
 
 def rebatch(batches: Batches, size: int) -> list[dict[str, torch.Tensor]]:
-    """Concatenate consecutive batches of equal length into batches of (up to) `size` rows."""
+    """Concatenate consecutive batches into batches of (up to) `size` rows; only batches of the same window length,
+    with or without an attention mask alike, are joined."""
     out: list[dict[str, torch.Tensor]] = []
     pending: list[Mapping[str, torch.Tensor]] = []
+
+    def kind(batch: Mapping[str, torch.Tensor]) -> tuple[torch.Size, bool]:
+        return batch["input_ids"].shape[1:], "attention_mask" in batch
 
     def flush() -> None:
         if pending:
@@ -37,9 +41,7 @@ def rebatch(batches: Batches, size: int) -> list[dict[str, torch.Tensor]]:
 
     for batch in batches:
         rows = sum(len(b["input_ids"]) for b in pending)
-        if pending and (rows + len(batch["input_ids"]) > size
-                        or batch["input_ids"].shape[1:] != pending[0]["input_ids"].shape[1:]
-                        or set(batch) & {"attention_mask"} != set(pending[0]) & {"attention_mask"}):
+        if pending and (rows + len(batch["input_ids"]) > size or kind(batch) != kind(pending[0])):
             flush()
         pending.append(batch)
     flush()
@@ -82,7 +84,7 @@ class DualBlockwiseMethod(PruningMethod):
         by_block = group_by_block(find_prunable_weights(model, config.target_modules))
         reconstruct = self.reconstruct and config.reconstruction_epochs > 0
         self.increased_damping: dict[str, float] = {}
-        self.block_errors: dict[int, tuple[float, float]] = {}
+        self.block_errors: dict[int, float] = {}  # relative output error of each block after reconstruction
         generator = torch.Generator().manual_seed(0)
         masks: dict[str, torch.Tensor] = {}
         was_training = model.training
@@ -104,31 +106,30 @@ class DualBlockwiseMethod(PruningMethod):
                     for w in targets:
                         hessian = blended_hessian(stats[0][w.name], stats[1][w.name] if len(stats) > 1 else None,
                                                   weight)
-                        new_weight, keep = sparsegpt_prune(
-                            w.as_out_in(w.weight.detach()), hessian, config.sparsity_for(w.name),
-                            config.sparsity_type, config.damping, name=w.name,
-                            increased_damping=self.increased_damping,
-                        )
-                        w.weight.copy_(w.as_out_in(new_weight))
-                        masks[w.name] = w.as_out_in(keep).contiguous()
+                        masks[w.name] = sparsegpt_prune_weight(w, hessian, config, self.increased_damping)
                     del stats
                     if reconstruct:
-                        self.block_errors[index] = self._reconstruct(
-                            block, steps, dense, set_weights, {w.weight: masks[w.name] for w in targets}, config,
-                            generator,
-                        )
+                        inputs, outputs, weights = _reconstruction_batches(steps, dense, set_weights)
+                        reconstruct_block(block, inputs, outputs, {w.weight: masks[w.name] for w in targets},
+                                          epochs=config.reconstruction_epochs, lr=config.reconstruction_lr,
+                                          batch_weights=weights, generator=generator, measure=False)
                 pruned = [step.forward() for step in steps]
+                if reconstruct and targets:  # the error left, from the outputs that feed the next block
+                    self.block_errors[index] = output_error([o for outs in pruned for o in outs],
+                                                            [t for outs in dense for t in outs], weights)
         finally:
             model.train(was_training)
         return masks
 
-    def _reconstruct(self, block, steps: Sequence[BlockStep], dense: Sequence[list[torch.Tensor]],
-                     set_weights: Sequence[float], masks, config: DPrunerConfig, generator) -> tuple[float, float]:
-        inputs, targets, weights = [], [], []
-        for step, outputs, share in zip(steps, dense, set_weights, strict=True):
-            for hidden, (args, kwargs), target in zip(step.hidden, step.calls, outputs, strict=True):
-                inputs.append((hidden, args, kwargs))
-                targets.append(target)
-                weights.append(share / len(outputs))
-        return reconstruct_block(block, inputs, targets, masks, epochs=config.reconstruction_epochs,
-                                 lr=config.reconstruction_lr, batch_weights=weights, generator=generator)
+
+def _reconstruction_batches(steps: Sequence[BlockStep], dense: Sequence[list[torch.Tensor]],
+                            set_weights: Sequence[float]) -> tuple[list, list[torch.Tensor], list[float]]:
+    """(inputs, dense targets, loss weights) of every batch of every text, in order; each text's batches share its
+    weight equally."""
+    inputs, targets, weights = [], [], []
+    for step, outputs, share in zip(steps, dense, set_weights, strict=True):
+        for hidden, (args, kwargs), target in zip(step.hidden, step.calls, outputs, strict=True):
+            inputs.append((hidden, args, kwargs))
+            targets.append(target)
+            weights.append(share / len(outputs))
+    return inputs, targets, weights

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..config import DPrunerConfig
-from ..importance.sparsegpt import sparsegpt_prune
+from ..importance.sparsegpt import sparsegpt_prune_weight
 from ..targets import PrunableWeight
 from .base import register_method
 from .blockwise import BlockwiseMethod
@@ -31,11 +31,5 @@ class SparseGPT(BlockwiseMethod):
     def prune_weight(
         self, weight: PrunableWeight, statistic: torch.Tensor, num_tokens: int, config: DPrunerConfig
     ) -> torch.Tensor:
-        hessian = statistic * (2.0 / num_tokens)
-        new_weight, keep = sparsegpt_prune(
-            weight.as_out_in(weight.weight.detach()), hessian, config.sparsity_for(weight.name),
-            config.sparsity_type, config.damping, name=weight.name, increased_damping=self.increased_damping,
-        )
-        # as_out_in is a transpose for Conv1D (its own inverse) and the identity for nn.Linear: back to the layout
-        weight.weight.copy_(weight.as_out_in(new_weight))
-        return weight.as_out_in(keep).contiguous()
+        return sparsegpt_prune_weight(weight, statistic * (2.0 / num_tokens), config, self.increased_damping)
+

@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel
-from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 from transformers.utils import logging
 
-from ..data import CausalLMCollator, batches_to_device, build_windows
+from ..data import CausalLMCollator, build_windows, collate_batches
 from ..targets import find_prunable_weights, module_type
 from ..utils import replacing_folder
 from .lora import get_masked_peft_model, merge_masked_lora
@@ -81,11 +80,6 @@ def rank_space_for(num_layers: int, mean_rank: int) -> RankSpace:
     return RankSpace(num_layers, mean_rank, tuple(range(1, 2 * mean_rank + 1)))
 
 
-def _batches(windows, batch_size: int, pad_id: int | None, device) -> list[dict]:
-    loader = DataLoader(windows, batch_size=batch_size, collate_fn=CausalLMCollator(pad_id))
-    return batches_to_device(loader, device)
-
-
 def recover(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -115,8 +109,8 @@ def recover(
         eval_windows = build_windows(eval_texts, tokenizer, args.seq_len, args.search_eval_samples, training_args.seed)
         bs = training_args.per_device_train_batch_size
         runner = ShortRecoveryRun(
-            model, _batches(windows, bs, tokenizer.pad_token_id, device),
-            _batches(eval_windows, bs, tokenizer.pad_token_id, device), base_config,
+            model, collate_batches(windows, bs, tokenizer.pad_token_id, device),
+            collate_batches(eval_windows, bs, tokenizer.pad_token_id, device), base_config,
             max_steps=args.search_steps, learning_rate=training_args.learning_rate, seed=training_args.seed,
         )
         offline = None
