@@ -11,6 +11,7 @@ from ..config_base import RecipeConfig
 PAT_CONFIG_NAME = "pat_config.json"
 # Keys that `save_pretrained` adds beside the recipe (what the run produced).
 PAT_RECORD_KEYS = ("method", "hf_dpruner_version", "base_model", "training", "export")
+MASK_INITS = ("zeros", "activation", "taylor")
 
 
 @dataclass
@@ -33,6 +34,21 @@ class PATConfig(RecipeConfig):
             "help": "Fraction s0 of the training steps over which the mask anneals from all-open to binary; the "
             "mask is exactly 0/1 with the target channel count from then on (paper: 1/3)."
         },
+    )
+    mask_init: str = field(
+        default="zeros",
+        metadata={
+            "help": "How the mask logits start: 'zeros' (the paper: every channel alike, chosen by the first "
+            "gradient steps), 'activation' (Minitron's activation importance at the RMSNorm outputs) or 'taylor' "
+            "(|dL/dgate| at the open gate), measured on the first mask_init_samples training windows."
+        },
+    )
+    mask_init_samples: int = field(
+        default=16, metadata={"help": "Training windows used to measure the channel importance of mask_init."}
+    )
+    mask_init_scale: float = field(
+        default=1.0,
+        metadata={"help": "Initial logits = mask_init_scale x the standardised log channel importance."},
     )
     mask_learning_rate: float | None = field(
         default=None,
@@ -62,6 +78,12 @@ class PATConfig(RecipeConfig):
             raise ValueError(f"hsm_rank must be a positive integer or None, got {self.hsm_rank!r}.")
         if not 0.0 < self.mask_warmup_fraction <= 1.0:
             raise ValueError(f"mask_warmup_fraction must be in (0, 1], got {self.mask_warmup_fraction!r}.")
+        if self.mask_init not in MASK_INITS:
+            raise ValueError(f"mask_init must be one of {MASK_INITS}, got {self.mask_init!r}.")
+        if not isinstance(self.mask_init_samples, int) or self.mask_init_samples < 1:
+            raise ValueError(f"mask_init_samples must be a positive integer, got {self.mask_init_samples!r}.")
+        if not self.mask_init_scale > 0:
+            raise ValueError(f"mask_init_scale must be > 0, got {self.mask_init_scale!r}.")
         if self.mask_learning_rate is not None and self.mask_learning_rate <= 0:
             raise ValueError(f"mask_learning_rate must be > 0, got {self.mask_learning_rate!r}.")
         for name in ("active_loss_weight", "identity_loss_weight", "lora_dropout"):

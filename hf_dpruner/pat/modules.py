@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +76,17 @@ class PATModules(nn.Module):
             for site in sites
         })
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._fixed_gate: torch.Tensor | None = None
+
+    @contextmanager
+    def fixed_gate(self, gate: torch.Tensor) -> Iterator[None]:
+        """Within the block, every HSM uses `gate` instead of the mask's (e.g. an all-open gate that requires
+        grad, to score the channels)."""
+        self._fixed_gate = gate
+        try:
+            yield
+        finally:
+            self._fixed_gate = None
 
     def attach(self, model: nn.Module) -> None:
         """Hook every site of `model` (the peft-wrapped modules, so LoRA's update passes through the HSM too)."""
@@ -90,7 +103,7 @@ class PATModules(nn.Module):
 
     def _hook(self, hsm: HybridSparsificationModule):
         def apply(module, args, output):
-            return hsm(output, self.mask.gate())
+            return hsm(output, self._fixed_gate if self._fixed_gate is not None else self.mask.gate())
 
         return apply
 

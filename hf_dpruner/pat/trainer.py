@@ -7,12 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, Trainer
 from transformers.utils import logging
 
 from ..step_penalty import add_step_penalty
 from ..trainer_setup import calibration_trainer_inputs
+from .channel_importance import activation_channel_importance, logits_from_importance, taylor_channel_importance
 from .config import PATConfig
 from .export import export_pat_model
 from .modules import get_pat_model, get_pat_modules
@@ -82,6 +85,38 @@ class PATTrainer(Trainer):
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *trainer_args,
                          **kwargs)
         self._pat_terms: dict[str, float] = {}
+        self.channel_importance: torch.Tensor | None = None  # what `mask_init` measured, once `train` has started
+        self._mask_initialized = False
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`, after the mask logits are initialised from `mask_init` (not when resuming: the
+        checkpoint holds them)."""
+        if not resume_from_checkpoint and not self._mask_initialized:
+            self.initialize_mask()
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def initialize_mask(self) -> torch.Tensor | None:
+        """Set the mask logits from the channel importance that ``pat_config.mask_init`` names, measured on the
+        first ``mask_init_samples`` training windows (nothing to do for ``"zeros"``); returns the importance."""
+        cfg = self.pat_config
+        self._mask_initialized = True
+        if cfg.mask_init == "zeros":
+            return None
+        windows = self.train_dataset.select(range(min(cfg.mask_init_samples, len(self.train_dataset))))
+        loader = DataLoader(windows, batch_size=self.args.per_device_train_batch_size, collate_fn=self.data_collator)
+        batches = [self._prepare_inputs(batch) for batch in loader]
+        if cfg.mask_init == "activation":
+            base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+            with self.pat.fixed_gate(torch.ones_like(self.pat.mask.logits.detach())):
+                importance = activation_channel_importance(base, batches)
+        else:
+            importance = taylor_channel_importance(self.model, self.pat, batches)
+        with torch.no_grad():
+            logits = self.pat.mask.logits
+            logits.copy_(logits_from_importance(importance, cfg.mask_init_scale).to(logits.device, logits.dtype))
+        self.channel_importance = importance
+        logger.info(f"PAT mask initialised from {cfg.mask_init} importance on {len(windows)} windows.")
+        return importance
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer, with the mask logits moved to a group of their own (no weight decay)."""

@@ -1,0 +1,128 @@
+"""PAT's mask can start from a measured channel importance: the initial binary top-k follows it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import TrainingArguments
+
+from hf_dpruner.pat import PATConfig, PATTrainer, get_pat_model, get_pat_modules
+from hf_dpruner.pat.channel_importance import (
+    activation_channel_importance,
+    logits_from_importance,
+    taylor_channel_importance,
+)
+
+from testing_utils import build_tiny, make_batches, make_windows
+
+LOUD, SILENT = 5, 11  # hidden channels made the most and the least important
+
+
+def _model_with_a_loud_and_a_silent_channel():
+    """Every RMSNorm on the residual stream scales channel LOUD by 20; channel SILENT is 0 on the whole residual
+    stream (nothing writes it: embedding column, attention and MLP output rows are 0), so closing it changes
+    nothing."""
+    model = build_tiny("llama")
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, SILENT] = 0.0
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[LOUD] = 20.0
+            layer.self_attn.o_proj.weight[SILENT] = 0.0
+            layer.mlp.down_proj.weight[SILENT] = 0.0
+        model.model.norm.weight[LOUD] = 20.0
+    return model
+
+
+def test_logits_follow_the_importance_standardised():
+    importance = torch.tensor([3.0, 0.5, 10.0, 1.0, 0.0])
+    logits = logits_from_importance(importance, scale=2.0)
+    assert torch.equal(torch.argsort(logits), torch.argsort(importance))
+    assert logits.mean().abs() < 1e-5 and logits.std().item() == pytest.approx(2.0, rel=1e-4)
+    with pytest.raises(ValueError, match="finite, non-negative"):
+        logits_from_importance(torch.tensor([1.0, -1.0]))
+
+
+def test_activation_importance_ranks_the_loud_channel_first_and_the_silent_one_last():
+    importance = activation_channel_importance(_model_with_a_loud_and_a_silent_channel(), make_batches(2, 2, 16))
+    assert importance.shape == (64,) and int(importance.argmax()) == LOUD
+    assert int(importance.argmin()) == SILENT and importance[SILENT] == 0
+
+
+def test_taylor_importance_is_zero_for_a_channel_that_cannot_change_the_loss():
+    model = get_pat_model(_model_with_a_loud_and_a_silent_channel(), PATConfig(lora_r=0, hsm_rank=2))
+    pat = get_pat_modules(model)
+    importance = taylor_channel_importance(model, pat, make_batches(2, 2, 16))
+    assert importance[SILENT] == 0 and bool((importance.sum() - importance[SILENT]) > 0)
+    assert all(p.grad is None for p in model.parameters())  # only the gate was differentiated
+
+
+@pytest.mark.parametrize("mask_init", ["activation", "taylor"])
+def test_the_trainer_starts_the_mask_from_the_importance(tmp_path, mask_init):
+    config = PATConfig(pruning_ratio=0.25, lora_r=2, hsm_rank=2, mask_init=mask_init, mask_init_samples=4)
+    dataset = Dataset.from_dict({"input_ids": make_windows(8, 16).tolist()})
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="no", disable_tqdm=True)
+    trainer = PATTrainer(model=_model_with_a_loud_and_a_silent_channel(), args=args, pat_config=config,
+                         train_dataset=dataset)
+    importance = trainer.initialize_mask()
+    mask = trainer.pat.mask
+    keep = mask.keep_mask()
+    assert int(keep.sum()) == 48 and torch.equal(keep, torch.zeros(64, dtype=torch.bool).index_fill_(
+        0, torch.argsort(importance, descending=True, stable=True)[:48], True))
+    assert not keep[SILENT] and (mask_init == "taylor" or keep[LOUD])
+    logits = mask.logits.detach().clone()
+    trainer.train()  # already initialised: training starts from these logits, it does not measure again
+    assert trainer.channel_importance is importance
+    assert (mask.logits.detach() - logits).abs().max() < 0.1
+
+
+def test_zeros_is_the_paper_and_measures_nothing(tmp_path):
+    dataset = Dataset.from_dict({"input_ids": make_windows(4, 16).tolist()})
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                             save_strategy="no", disable_tqdm=True)
+    trainer = PATTrainer(model=build_tiny("llama"), args=args, pat_config=PATConfig(lora_r=0, hsm_rank=2),
+                         train_dataset=dataset)
+    assert trainer.initialize_mask() is None and bool((trainer.pat.mask.logits == 0).all())
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("mask_init", "random", "mask_init must be one of"),
+    ("mask_init_samples", 0, "mask_init_samples must be a positive integer"),
+    ("mask_init_scale", 0.0, "mask_init_scale must be > 0"),
+])
+def test_mask_init_settings_are_validated(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        PATConfig(**{field: value})
+
+
+@pytest.mark.slow
+def test_on_the_embedded_model_the_activation_choice_beats_a_random_one_before_any_training():
+    """25% of the hidden channels closed, no training: by activation importance against a random 25%."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_dpruner.corpora import load_corpus_texts
+    from hf_dpruner.data import calibration_batches
+    from hf_dpruner.evaluation import perplexity
+    from hf_dpruner.resources import default_model_path
+
+    path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = get_pat_model(AutoModelForCausalLM.from_pretrained(path), PATConfig(pruning_ratio=0.25, lora_r=0))
+    pat = get_pat_modules(model)
+    batches = calibration_batches(load_corpus_texts("medical"), tokenizer, 256, 8, 4)
+    with pat.fixed_gate(torch.ones(pat.mask.hidden_size)):
+        importance = activation_channel_importance(model, batches)
+    eval_texts = load_corpus_texts("medical", "eval")
+    kept = pat.mask.num_kept
+    choices = {"activation": torch.argsort(importance, descending=True)[:kept],
+               "random": torch.randperm(pat.mask.hidden_size, generator=torch.Generator().manual_seed(0))[:kept]}
+    ppl = {}
+    for name, channels in choices.items():
+        gate = torch.zeros(pat.mask.hidden_size).index_fill_(0, channels, 1.0)
+        with pat.fixed_gate(gate):
+            ppl[name] = perplexity(model, tokenizer, eval_texts, seq_len=512, max_tokens=4096,
+                                   disable_tqdm=True)["perplexity"]
+    print(f"medical perplexity with 25% of the channels closed, before training: {ppl}")
+    assert ppl["activation"] < 0.5 * ppl["random"]
