@@ -62,6 +62,18 @@ class PATConfig(RecipeConfig):
         default=0.1,
         metadata={"help": "Weight of the Identity Loss sum ||A A^T - I||^2 over the HSM down projections."},
     )
+    distill_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight a of knowledge distillation from the dense model: loss = (1 - a) * LM loss + a * T^2 * "
+            "KL(dense || PAT) per predicted token. The teacher is the same model with LoRA and the PAT modules "
+            "switched off (no second copy of the weights; one more forward per batch). 0: the LM loss alone (the "
+            "paper); 1: distillation alone."
+        },
+    )
+    distill_temperature: float = field(
+        default=1.0, metadata={"help": "Softmax temperature T of the distillation term."}
+    )
     lora_r: int = field(default=8, metadata={"help": "LoRA rank on the linear layers; 0 trains no LoRA."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
@@ -89,6 +101,10 @@ class PATConfig(RecipeConfig):
         for name in ("active_loss_weight", "identity_loss_weight", "lora_dropout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight!r}.")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature!r}.")
         if not isinstance(self.lora_r, int) or self.lora_r < 0:
             raise ValueError(f"lora_r must be an integer >= 0, got {self.lora_r!r}.")
         if isinstance(self.lora_target_modules, str):

@@ -77,6 +77,7 @@ class PATModules(nn.Module):
         })
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._fixed_gate: torch.Tensor | None = None
+        self._bypassed = False
 
     @contextmanager
     def fixed_gate(self, gate: torch.Tensor) -> Iterator[None]:
@@ -87,6 +88,16 @@ class PATModules(nn.Module):
             yield
         finally:
             self._fixed_gate = None
+
+    @contextmanager
+    def bypassed(self) -> Iterator[None]:
+        """Within the block, the HSMs and the mask are switched off: the model computes what the base model does
+        (the distillation teacher, without a second copy of the weights)."""
+        self._bypassed = True
+        try:
+            yield
+        finally:
+            self._bypassed = False
 
     def attach(self, model: nn.Module) -> None:
         """Hook every site of `model` (the peft-wrapped modules, so LoRA's update passes through the HSM too)."""
@@ -103,6 +114,8 @@ class PATModules(nn.Module):
 
     def _hook(self, hsm: HybridSparsificationModule):
         def apply(module, args, output):
+            if self._bypassed:
+                return output
             return hsm(output, self._fixed_gate if self._fixed_gate is not None else self.mask.gate())
 
         return apply

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,11 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, Trainer
 from transformers.utils import logging
 
-from ..step_penalty import add_step_penalty
+from ..step_penalty import add_step_penalty, loss_is_scaled_for_ga
 from ..trainer_setup import calibration_trainer_inputs
 from .channel_importance import activation_channel_importance, logits_from_importance, taylor_channel_importance
 from .config import PATConfig
+from .distillation import distillation_loss_sum
 from .export import export_pat_model
 from .modules import get_pat_model, get_pat_modules
 
@@ -132,17 +134,40 @@ class PATTrainer(Trainer):
         """LM loss, plus the mask and Identity terms once per optimizer step (see `add_step_penalty`)."""
         if model.training:
             self.pat.mask.set_progress(self.state.global_step, self.state.max_steps)
+        labels = inputs.get("labels", inputs["input_ids"])
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
+            weight = self.pat_config.distill_weight
+            if weight > 0:
+                distill = self._distillation(model, inputs, outputs.logits, labels, num_items_in_batch)
+                loss = (1.0 - weight) * loss + weight * distill
             loss = add_step_penalty(self, loss, self._pat_penalty, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _distillation(self, model, inputs, logits, labels, num_items_in_batch) -> torch.Tensor:
+        """The distillation term, normalised like the LM loss: over the tokens of the whole accumulated batch when
+        `training_step` does not divide by the accumulation steps, else per micro-batch."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        adapters_off = unwrapped.disable_adapter() if isinstance(unwrapped, PeftModel) else nullcontext()
+        batch = {k: v for k, v in inputs.items() if k != "labels"}
+        with torch.no_grad(), adapters_off, self.pat.bypassed():
+            teacher = unwrapped(**batch).logits
+        total, count = distillation_loss_sum(logits, teacher, labels, self.pat_config.distill_temperature)
+        if loss_is_scaled_for_ga(self, num_items_in_batch):
+            value = total / num_items_in_batch
+        else:
+            value = total / max(count, 1)
+        self._pat_terms["pat_distill_loss"] = float(value.detach())
+        return value.to(logits.dtype)
 
     def _pat_penalty(self) -> torch.Tensor:
         cfg, mask = self.pat_config, self.pat.mask
         active = mask.active_loss()
         identity = self.pat.identity_loss()
-        self._pat_terms = {"pat_active_loss": float(active.detach()), "pat_identity_loss": float(identity.detach()),
-                           "pat_open_channels": mask.num_open(), "pat_mask_binary": float(mask.is_binary)}
+        self._pat_terms.update({
+            "pat_active_loss": float(active.detach()), "pat_identity_loss": float(identity.detach()),
+            "pat_open_channels": mask.num_open(), "pat_mask_binary": float(mask.is_binary),
+        })
         return cfg.active_loss_weight * active + cfg.identity_loss_weight * identity
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:

@@ -1,4 +1,5 @@
-"""PAT's mask can start from a measured channel importance: the initial binary top-k follows it."""
+"""PAT's quality levers: a mask that starts from a measured channel importance (the initial binary top-k follows
+it), and distillation from the dense model."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from hf_dpruner.pat.channel_importance import (
     logits_from_importance,
     taylor_channel_importance,
 )
+from hf_dpruner.pat.distillation import distillation_loss_sum
 
 from testing_utils import build_tiny, make_batches, make_windows
 
@@ -126,3 +128,68 @@ def test_on_the_embedded_model_the_activation_choice_beats_a_random_one_before_a
                                    disable_tqdm=True)["perplexity"]
     print(f"medical perplexity with 25% of the channels closed, before training: {ppl}")
     assert ppl["activation"] < 0.5 * ppl["random"]
+
+
+# ---- distillation from the dense model ----
+
+
+def test_distillation_term_is_the_token_mean_kl_and_skips_padding():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    labels = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, -100, -100]])
+    total, count = distillation_loss_sum(student, teacher, labels, temperature=2.0)
+    assert count == 4 + 2
+    expected = 0.0
+    for b, i in [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]:
+        p = torch.softmax(teacher[b, i] / 2, -1)
+        expected += 4 * float((p * (p.log() - torch.log_softmax(student[b, i] / 2, -1))).sum())
+    assert float(total) == pytest.approx(expected, rel=1e-5)
+    assert float(distillation_loss_sum(teacher, teacher, labels)[0]) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_the_teacher_is_the_base_model_with_lora_and_pat_switched_off(tmp_path):
+    base = build_tiny("llama")
+    batch = make_batches(1, 2, 16)[0]
+    with torch.no_grad():
+        expected = base(**batch).logits
+    config = PATConfig(pruning_ratio=0.25, lora_r=2, hsm_rank=2, distill_weight=0.5)
+    trainer = _pat_trainer(tmp_path, build_tiny("llama"), config, steps=4)
+    trainer.train()
+    model = trainer.model
+    with torch.no_grad():
+        student = model(**batch).logits
+        with model.disable_adapter(), trainer.pat.bypassed():
+            teacher = model(**batch).logits
+    torch.testing.assert_close(teacher, expected)
+    assert (student - expected).abs().max() > 1e-3  # trained and masked: the student differs
+    assert "pat_distill_loss" in trainer._pat_terms and trainer._pat_terms["pat_distill_loss"] > 0
+
+
+def test_distillation_counts_the_same_under_gradient_accumulation(tmp_path):
+    """4 windows in one batch, or 2 + 2 accumulated: the same trained PAT modules and LoRA (SGD)."""
+    states = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        config = PATConfig(pruning_ratio=0.25, lora_r=2, hsm_rank=2, distill_weight=0.7, distill_temperature=2.0)
+        trainer = _pat_trainer(tmp_path / f"{batch}", build_tiny("llama"), config, steps=3, optim="sgd",
+                               per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+        trainer.train()
+        states.append({k: v.detach().clone() for k, v in trainer.model.named_parameters() if v.requires_grad})
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], atol=1e-6, rtol=1e-5)
+
+
+def _pat_trainer(tmp_path, model, config, steps, **overrides):
+    dataset = Dataset.from_dict({"input_ids": make_windows(32, 16).tolist()})
+    settings = dict(max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+                    save_strategy="no", disable_tqdm=True, logging_steps=1)
+    args = TrainingArguments(str(tmp_path / "run"), **{**settings, **overrides})
+    return PATTrainer(model=model, args=args, pat_config=config, train_dataset=dataset)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("distill_weight", 1.5, "distill_weight must be in"),
+    ("distill_temperature", 0.0, "distill_temperature must be > 0"),
+])
+def test_distillation_settings_are_validated(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        PATConfig(**{field: value})
