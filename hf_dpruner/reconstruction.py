@@ -7,7 +7,7 @@ Both are functions of tensors and modules; the orchestration (which block, which
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -115,17 +115,19 @@ def relative_error(
     targets: Sequence[torch.Tensor],
     batch_weights: Sequence[float] | None = None,
 ) -> float:
-    """Weighted ``Σ ||block(x) − y||² / Σ ||y||²`` over the batches (0 = the targets exactly)."""
-    outputs = [_first(block(hidden, *args, **kwargs)) for hidden, args, kwargs in inputs]
-    return output_error(outputs, targets, batch_weights)
+    """Weighted ``Σ ||block(x) − y||² / Σ ||y||²`` over the batches (0 = the targets exactly); one batch's output
+    at a time."""
+    weights = list(batch_weights) if batch_weights is not None else [1.0] * len(inputs)
+    outputs = (_first(block(hidden, *args, **kwargs)) for hidden, args, kwargs in inputs)
+    return output_error(outputs, targets, weights)
 
 
 @torch.no_grad()
 def output_error(
-    outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor], batch_weights: Sequence[float] | None = None
+    outputs: Iterable[torch.Tensor], targets: Sequence[torch.Tensor], batch_weights: Sequence[float] | None = None
 ) -> float:
     """Weighted ``Σ ||output − target||² / Σ ||target||²`` over the batches (0 = the targets exactly)."""
-    weights = list(batch_weights) if batch_weights is not None else [1.0] * len(outputs)
+    weights = list(batch_weights) if batch_weights is not None else [1.0] * len(targets)
     error = norm = 0.0
     for out, target, weight in zip(outputs, targets, weights, strict=True):
         error += weight * float((out.float() - target.float()).pow(2).sum())

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
     from .config import DPrunerConfig
     from .importance import DomainImportance
+    from .stages import PruningState
     from .targets import PrunableWeight
 
 logger = logging.get_logger(__name__)
@@ -42,6 +43,7 @@ class ResumableDomainPass:
     fingerprints: dict[str, str | None]
     domain_importance: DomainImportance | None
     increased_damping: dict[str, float] | None
+    pruning_state: PruningState
     # from transformers.Trainer
     args: TrainingArguments
     state: TrainerState
@@ -79,7 +81,7 @@ class ResumableDomainPass:
             raise ValueError(f"{path} holds {', '.join(low)} scores but this run keeps importance in {wanted}; delete "
                              "it to recompute, or set importance_dtype to match.")
         self.increased_damping = _increased_damping_of(path)
-        return self._store_importance(scores)
+        return self.pruning_state.store_importance(scores)
 
     def _save_checkpoint(self, model, trial) -> None:
         """The Trainer's checkpoint, then S, its step count and the run's fingerprint. That file is written last

@@ -120,7 +120,7 @@ class DPrunerTrainer(PrunedCheckpointSaving, ResumableDomainPass, Trainer):
             if self.general_importance_path.exists():
                 self.general_importance = self._load_general_cache(self.general_importance_path)
         elif general_importance is not None:
-            self.general_importance = self._store_importance(dict(general_importance))
+            self.general_importance = self.pruning_state.store_importance(dict(general_importance))
         self.add_callback(KeepMasksCallback())
 
     # ---- the refined loss ----
@@ -159,9 +159,6 @@ class DPrunerTrainer(PrunedCheckpointSaving, ResumableDomainPass, Trainer):
         "`damping`; None when unknown or when no Hessian was factorised.")
     regularizer = _state_attribute("regularizer", "The general-importance regularizer of the domain pass (stage 2).")
     domain_importance = _state_attribute("domain_importance", "S, accumulated over the domain pass (stage 2).")
-
-    def _store_importance(self, scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.pruning_state.store_importance(scores)
 
     # ---- the three stages ----
 
