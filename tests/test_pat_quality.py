@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainingArguments
 
-from hf_dpruner.pat import PATConfig, PATTrainer, get_pat_model, get_pat_modules
+from hf_dpruner.pat import PATConfig, PATTrainer, get_pat_model, get_pat_modules, width_prune
 from hf_dpruner.pat.channel_importance import (
     activation_channel_importance,
     logits_from_importance,
@@ -97,6 +97,41 @@ def test_zeros_is_the_paper_and_measures_nothing(tmp_path):
 def test_mask_init_settings_are_validated(field, value, message):
     with pytest.raises(ValueError, match=message):
         PATConfig(**{field: value})
+
+
+@pytest.mark.parametrize("arch, tied", [("llama", True), ("qwen2", False)])
+def test_width_prune_keeps_the_important_channels_and_computes_the_masked_models_logits(arch, tied):
+    """The one-shot peer: the kept channels are the top-k of the importance, the model is left unchanged, and the
+    smaller model computes what the full model computes with the other channels closed on the residual stream."""
+    model = build_tiny(arch, tie_word_embeddings=tied)
+    with torch.no_grad():
+        for layer in model.model.layers:  # give the norms distinct gains, so a wrong rescale would show
+            layer.input_layernorm.weight.uniform_(0.5, 1.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    importance = torch.rand(64, generator=torch.Generator().manual_seed(1))
+    small = width_prune(model, 0.25, [], importance=importance)
+    keep = torch.argsort(importance, descending=True)[:48].sort().values
+    assert small.config.hidden_size == 48 and small.num_parameters() < model.num_parameters()
+    assert torch.equal(small.model.embed_tokens.weight, model.model.embed_tokens.weight[:, keep])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    pat_model = get_pat_model(model, PATConfig(pruning_ratio=0.25, lora_r=0))
+    gate = torch.zeros(64).index_fill_(0, keep, 1.0)
+    x = make_windows(2, 16)
+    with torch.no_grad(), get_pat_modules(pat_model).fixed_gate(gate):
+        expected = pat_model(input_ids=x).logits
+    torch.testing.assert_close(small(input_ids=x).logits, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_width_prune_measures_the_activation_importance_and_checks_its_input():
+    small = width_prune(_model_with_a_loud_and_a_silent_channel(), 0.25, make_batches(2, 2, 16))
+    assert small.config.hidden_size == 48
+    assert not (small.model.embed_tokens.weight == 0).all(0).any()  # the silent channel (a zero column) went
+    with pytest.raises(ValueError, match=r"importance must have shape \(64,\)"):
+        width_prune(build_tiny("llama"), 0.25, [], importance=torch.ones(10))
+    with pytest.raises(ValueError, match="pruning_ratio must be a number in"):
+        width_prune(build_tiny("llama"), 1.5, [], importance=torch.ones(64))
+    with pytest.raises(ValueError, match="PAT supports the Llama family"):
+        width_prune(build_tiny("gpt2"), 0.25, [], importance=torch.ones(64))
 
 
 @pytest.mark.slow

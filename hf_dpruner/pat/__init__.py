@@ -6,6 +6,7 @@ from .export import export_pat_model
 from .hsm import HybridSparsificationModule
 from .mask import SharedChannelMask
 from .modules import SUPPORTED_MODEL_TYPES, PATModules, get_pat_model, get_pat_modules
+from .one_shot import width_prune
 from .trainer import PATTrainer
 
 __all__ = [
@@ -19,4 +20,5 @@ __all__ = [
     "export_pat_model",
     "get_pat_model",
     "get_pat_modules",
+    "width_prune",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -69,21 +70,29 @@ def exported_config(model: PreTrainedModel, kept: int):
 
 
 @torch.no_grad()
-def exported_state_dict(model: PreTrainedModel | PeftModel, pat: PATModules) -> tuple[dict[str, torch.Tensor], int]:
-    """The weights of the smaller model, keyed like the base model's state dict."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    keep = pat.mask.kept_indices().cpu()
-    hidden = pat.mask.hidden_size
-    scale = (hidden / len(keep)) ** 0.5
+def channel_subset_state_dict(
+    base: PreTrainedModel, keep: torch.Tensor, transforms: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """The weights of `base` (a Llama-family model, LoRA merged if present) keeping only the hidden channels `keep`
+    (sorted indices), keyed like its state dict. ``transforms[site key]`` (``hidden × hidden``) is first folded into
+    that residual producer (``"embed"``, ``"{i}_attn"``, ``"{i}_mlp"``); RMSNorm gains are scaled by ``√(d/d′)``
+    (pair with `exported_config`'s ``rms_norm_eps · d/d′``)."""
+    transforms = transforms or {}
+    keep = keep.cpu()
+    scale = (base.config.hidden_size / len(keep)) ** 0.5
     state: dict[str, torch.Tensor] = {}
     embed, _ = _effective(base.model.embed_tokens)
-    state["model.embed_tokens.weight"] = (embed @ pat.hsms["embed"].transform_matrix().t())[:, keep].contiguous()
+    if "embed" in transforms:
+        embed = embed @ transforms["embed"].t()
+    state["model.embed_tokens.weight"] = embed[:, keep].contiguous()
     for i, layer in enumerate(base.model.layers):
         prefix = f"model.layers.{i}"
         for key, path in PRODUCERS.items():
             weight, bias = _effective(layer.get_submodule(path))
-            t = pat.hsms[f"{i}_{key}"].transform_matrix()
-            _put(state, f"{prefix}.{path}", (t @ weight)[keep], None if bias is None else (t @ bias)[keep])
+            t = transforms.get(f"{i}_{key}")
+            if t is not None:
+                weight, bias = t @ weight, None if bias is None else t @ bias
+            _put(state, f"{prefix}.{path}", weight[keep], None if bias is None else bias[keep])
         for path in CONSUMERS:
             weight, bias = _effective(layer.get_submodule(path))
             _put(state, f"{prefix}.{path}", weight[:, keep], bias)
@@ -93,7 +102,34 @@ def exported_state_dict(model: PreTrainedModel | PeftModel, pat: PATModules) -> 
     if not base.config.tie_word_embeddings:
         head, head_bias = _effective(base.get_output_embeddings())
         _put(state, "lm_head", head[:, keep], head_bias)
-    return state, len(keep)
+    return state
+
+
+def exported_state_dict(model: PreTrainedModel | PeftModel, pat: PATModules) -> tuple[dict[str, torch.Tensor], int]:
+    """The weights of the smaller model, keyed like the base model's state dict."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    keep = pat.mask.kept_indices().cpu()
+    transforms = {key: hsm.transform_matrix() for key, hsm in pat.hsms.items() if hsm.has_transform}
+    return channel_subset_state_dict(base, keep, transforms), len(keep)
+
+
+def smaller_model(base: PreTrainedModel, state: dict[str, torch.Tensor], kept: int) -> PreTrainedModel:
+    """A new model of `base`'s class and dtype with ``hidden_size = kept``, holding `state` (float32 tensors)."""
+    config = exported_config(base, kept)
+    dtype = next(base.parameters()).dtype
+    small = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = small.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise ValueError(
+            f"The PAT export does not cover this {config.model_type} variant: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}."
+        )
+    if config.tie_word_embeddings:
+        small.tie_weights()
+    small = small.to(dtype).eval()
+    small.generation_config = copy.deepcopy(base.generation_config)
+    return small
 
 
 def export_pat_model(
@@ -115,20 +151,7 @@ def export_pat_model(
             "export keeps the top channels, but its outputs differ from the masked model's. Train past the warm-up."
         )
     state, kept = exported_state_dict(model, pat)
-    config = exported_config(base, kept)
-    dtype = next(base.parameters()).dtype
-    small = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = small.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise ValueError(
-            f"The PAT export does not cover this {config.model_type} variant: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}."
-        )
-    if config.tie_word_embeddings:
-        small.tie_weights()
-    small = small.to(dtype).eval()
-    small.generation_config = copy.deepcopy(base.generation_config)
+    small = smaller_model(base, state, kept)
     if output_dir is not None:
         _save(small, Path(output_dir), tokenizer, pat.config, base, kept, record or {})
     return small

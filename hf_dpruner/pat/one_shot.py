@@ -1,0 +1,48 @@
+"""One-shot width pruning: drop the hidden channels of least activation importance, with no training.
+
+The structured peer of PAT (Minitron's width pruning without its distillation): the same channel importance that
+``PATConfig(mask_init="activation")`` starts from, the same export, but the channels are chosen once and never learned.
+Tune the smaller model afterwards (LoRA, distillation) like any other model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from transformers import PreTrainedModel
+
+from .channel_importance import activation_channel_importance
+from .config import PATConfig
+from .export import channel_subset_state_dict, smaller_model
+from .modules import check_supported
+
+
+def width_prune(
+    model: PreTrainedModel,
+    pruning_ratio: float,
+    calibration: Sequence[Mapping[str, torch.Tensor]],
+    importance: torch.Tensor | None = None,
+) -> PreTrainedModel:
+    """A new, smaller standard model keeping the ``round((1 - pruning_ratio) · hidden_size)`` hidden channels of
+    largest activation importance over the `calibration` batches (``input_ids`` and optionally
+    ``attention_mask``), or of the given `importance`. `model` is left unchanged.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                                      num_attention_heads=2, vocab_size=64))
+        >>> small = width_prune(model, 0.25, [{"input_ids": torch.randint(0, 64, (2, 16))}])
+        >>> small.config.hidden_size
+        24
+    """
+    check_supported(model)
+    hidden = model.config.hidden_size
+    kept = PATConfig(pruning_ratio=pruning_ratio, lora_r=0).kept_channels(hidden)
+    if importance is None:
+        importance = activation_channel_importance(model, calibration)
+    if importance.shape != (hidden,):
+        raise ValueError(f"importance must have shape ({hidden},), got {tuple(importance.shape)}.")
+    order = torch.argsort(importance.float().cpu(), descending=True, stable=True)
+    keep = order[:kept].sort().values
+    return smaller_model(model, channel_subset_state_dict(model, keep), kept)
