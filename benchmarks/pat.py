@@ -1,12 +1,16 @@
-"""PAT benchmark: dense + LoRA vs PAT (structured, smaller export) vs D-Pruner 50% + LoRA recovery, side by side.
+"""PAT benchmark: dense + LoRA vs PAT (structured, smaller export) vs one-shot width pruning + LoRA, side by side.
 
     python benchmarks/pat.py            # the embedded SmolLM2-135M, medical, 25% of the hidden channels, 40 steps
     python benchmarks/pat.py --quick    # CI-sized (a few steps, short windows)
 
-Every tuned model trains the same number of AdamW steps on the same medical windows with LoRA of the same rank.
-Perplexity on the held-out eval splits; parameters and checkpoint size of the saved folders; CPU generation
-throughput (greedy, batch 1 and 8) of every model measured in this one process, interleaved, median of repeats.
-Writes ``<output-dir>/pat[-quick].json``, ``.md`` and ``.png``.
+Every tuned model trains the same number of AdamW steps on the same medical windows with LoRA of the same rank:
+dense + LoRA; PAT with the library's defaults; PAT as in the paper (mask logits from zeros); PAT with distillation
+from the dense model; and the one-shot structured peer (`hf_dpruner.pat.width_prune`: the channels of largest
+activation importance, chosen once, then the same LoRA steps). Perplexity on the held-out eval splits; parameters
+and checkpoint size of the saved models; CPU throughput of every model measured in this one process, interleaved,
+median of repeats: greedy decoding at batch 1 and 8, and the prefill of a long prompt. Two curves of the default
+PAT on smaller steps (fewer tokens per step, to fit the time budget): domain perplexity against the number of steps,
+and against the pruning ratio. Writes ``<output-dir>/pat[-quick].json``, ``.md`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -26,13 +30,26 @@ from _meta import finish_metadata, start_metadata  # noqa: E402
 
 MODES = {
     "full": dict(steps=40, batch_size=4, seq_len=256, learning_rate=2e-4, lora_r=8, pruning_ratio=0.25,
-                 dpruner_sparsity=0.5, dpruner_samples=32, eval_tokens=16384, eval_seq_len=512, prompt_tokens=32,
-                 new_tokens=32, repeats=3),
+                 distill_weight=0.5, mask_init_samples=16, eval_tokens=16384, eval_seq_len=512, prompt_tokens=32,
+                 new_tokens=32, prefill_tokens=512, repeats=3,
+                 curve=dict(batch_size=2, seq_len=128, steps=[40, 100, 200], ratios=[0.1, 0.25, 0.4],
+                            ratio_steps=100, eval_tokens=4096)),
     "quick": dict(steps=6, batch_size=2, seq_len=64, learning_rate=2e-4, lora_r=4, pruning_ratio=0.25,
-                  dpruner_sparsity=0.5, dpruner_samples=4, eval_tokens=1024, eval_seq_len=256, prompt_tokens=8,
-                  new_tokens=4, repeats=1),
+                  distill_weight=0.5, mask_init_samples=4, eval_tokens=1024, eval_seq_len=256, prompt_tokens=8,
+                  new_tokens=4, prefill_tokens=64, repeats=1,
+                  curve=dict(batch_size=1, seq_len=32, steps=[2, 4], ratios=[0.25, 0.5], ratio_steps=2,
+                             eval_tokens=256)),
 }
 DOMAIN = "medical"
+GOALS = {"quality_vs_lora": 1.5, "vs_one_shot": 0.10, "speed": 1.25}
+
+
+def pat_label(settings: dict, suffix: str = "") -> str:
+    return f"PAT {settings['pruning_ratio']:.0%}{suffix}"
+
+
+def one_shot_label(settings: dict) -> str:
+    return f"one-shot {settings['pruning_ratio']:.0%} + LoRA"
 
 
 def _training_args(settings: dict, **overrides):
@@ -51,71 +68,120 @@ def _checkpoint_bytes(model) -> int:
         return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
-def train_models(settings: dict):
-    """Each method's tuned model (with its training time), and the tokenizer."""
+def _tune_pat(path: str, tokenizer, windows, settings: dict, **config) -> tuple:
+    """PAT with `config` over the library defaults; the exported smaller model and the training seconds."""
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+    from transformers import AutoModelForCausalLM
 
-    from hf_dpruner import DPrunerConfig
-    from hf_dpruner.corpora import load_corpus_texts
-    from hf_dpruner.data import CausalLMCollator, build_windows
-    from hf_dpruner.methods import prune_model
     from hf_dpruner.pat import PATConfig, PATTrainer, export_pat_model
-    from hf_dpruner.recovery import RecoveryArguments, recover
-    from hf_dpruner.resources import default_model_path
-
-    path = default_model_path()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    texts = load_corpus_texts(DOMAIN)
-    windows = build_windows(texts, tokenizer, settings["seq_len"], settings["steps"] * settings["batch_size"], 0)
-    collator = CausalLMCollator(tokenizer.pad_token_id)
-    models: dict[str, dict] = {"dense": {"model": AutoModelForCausalLM.from_pretrained(path), "train_seconds": 0.0}}
-
-    lora = LoraConfig(r=settings["lora_r"], lora_alpha=2 * settings["lora_r"], target_modules="all-linear",
-                      task_type="CAUSAL_LM")
-    start = time.perf_counter()
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(path), lora)
-    Trainer(model=peft_model, args=_training_args(settings), train_dataset=windows, data_collator=collator).train()
-    models["dense + LoRA"] = {"model": peft_model.merge_and_unload(), "train_seconds": time.perf_counter() - start}
 
     start = time.perf_counter()
     pat_config = PATConfig(pruning_ratio=settings["pruning_ratio"], lora_r=settings["lora_r"],
-                           lora_alpha=2 * settings["lora_r"])
+                           lora_alpha=2 * settings["lora_r"], mask_init_samples=settings["mask_init_samples"],
+                           **config)
     trainer = PATTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=_training_args(settings),
                          pat_config=pat_config, train_dataset=Dataset.from_dict(windows.to_dict()),
                          processing_class=tokenizer)
     trainer.train()
-    small = export_pat_model(trainer.model)
-    label = f"PAT {settings['pruning_ratio']:.0%}"
-    models[label] = {"model": small, "train_seconds": time.perf_counter() - start}
+    return export_pat_model(trainer.model), time.perf_counter() - start
 
-    sparsity = settings["dpruner_sparsity"]
-    config = DPrunerConfig(sparsity=sparsity, num_samples=settings["dpruner_samples"], seq_len=settings["seq_len"])
+
+def _tune_lora(model, windows, settings: dict, collator):
+    """`model` with LoRA of the benchmark's rank trained on `windows`, merged."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer
+
+    lora = LoraConfig(r=settings["lora_r"], lora_alpha=2 * settings["lora_r"], target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+    Trainer(model=peft_model, args=_training_args(settings), train_dataset=windows, data_collator=collator).train()
+    return peft_model.merge_and_unload()
+
+
+def train_models(settings: dict):
+    """Each method's tuned model (with its training time), and the tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_dpruner.corpora import load_corpus_texts
+    from hf_dpruner.data import CausalLMCollator, build_windows, collate_batches
+    from hf_dpruner.pat import width_prune
+    from hf_dpruner.resources import default_model_path
+
+    path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    windows = build_windows(load_corpus_texts(DOMAIN), tokenizer, settings["seq_len"],
+                            settings["steps"] * settings["batch_size"], 0)
+    collator = CausalLMCollator(tokenizer.pad_token_id)
+    models: dict[str, dict] = {"dense": {"model": AutoModelForCausalLM.from_pretrained(path), "train_seconds": 0.0}}
+
     start = time.perf_counter()
-    pruned, _ = prune_model(
-        AutoModelForCausalLM.from_pretrained(path), tokenizer, "dpruner", config,
-        _training_args(settings, optim="sgd", learning_rate=0.03, lr_scheduler_type="constant", max_steps=-1,
-                       per_device_train_batch_size=1, gradient_accumulation_steps=4, num_train_epochs=1),
-        general_texts=load_corpus_texts("general"), domain_texts=texts,
-    )
-    prune_seconds = time.perf_counter() - start
-    args = RecoveryArguments(lora_r=settings["lora_r"], lora_alpha=2.0 * settings["lora_r"],
-                             num_samples=settings["steps"] * settings["batch_size"], seq_len=settings["seq_len"])
-    result = recover(pruned, tokenizer, texts, [], args, _training_args(settings))
-    models[f"D-Pruner {sparsity:.0%} + LoRA"] = {
-        "model": result.model, "train_seconds": time.perf_counter() - start, "prune_seconds": prune_seconds}
+    tuned = _tune_lora(AutoModelForCausalLM.from_pretrained(path), windows, settings, collator)
+    models["dense + LoRA"] = {"model": tuned, "train_seconds": time.perf_counter() - start}
+    for suffix, config in (("", {}), (" (paper: mask from zeros)", {"mask_init": "zeros"}),
+                           (f" + KD {settings['distill_weight']:g}", {"distill_weight": settings["distill_weight"]})):
+        small, seconds = _tune_pat(path, tokenizer, windows, settings, **config)
+        models[pat_label(settings, suffix)] = {"model": small, "train_seconds": seconds}
+
+    # the one-shot peer measures its importance on the same windows PAT's mask_init uses
+    start = time.perf_counter()
+    calibration = collate_batches(windows.select(range(settings["mask_init_samples"])), settings["batch_size"],
+                                  tokenizer.pad_token_id)
+    small = width_prune(AutoModelForCausalLM.from_pretrained(path), settings["pruning_ratio"], calibration)
+    models[one_shot_label(settings)] = {"model": _tune_lora(small, windows, settings, collator),
+                                        "train_seconds": time.perf_counter() - start}
     return models, tokenizer
 
 
-def throughput(models: dict[str, dict], tokenizer, settings: dict, texts: list[str]) -> dict[str, dict[int, float]]:
-    """Greedy generation tokens/s per model at batch 1 and 8, measured interleaved; median of the repeats."""
+def curves(settings: dict, tokenizer) -> dict[str, list[dict]]:
+    """The default PAT's domain/general perplexity against the steps (at the benchmark's ratio) and against the
+    ratio (at ``ratio_steps``), on the curve's smaller batches."""
+    from hf_dpruner.corpora import load_corpus_texts
+    from hf_dpruner.data import build_windows
+    from hf_dpruner.resources import default_model_path
+
+    curve = settings["curve"]
+    path = default_model_path()
+    texts = load_corpus_texts(DOMAIN)
+    eval_texts = {key: load_corpus_texts(corpus, "eval") for key, corpus in (("domain_ppl", DOMAIN),
+                                                                            ("general_ppl", "general"))}
+    points: dict[tuple[float, int], dict] = {}
+    wanted = [(settings["pruning_ratio"], steps) for steps in curve["steps"]]
+    wanted += [(ratio, curve["ratio_steps"]) for ratio in curve["ratios"]]
+    for ratio, steps in wanted:
+        if (ratio, steps) in points:
+            continue
+        run = {**settings, "pruning_ratio": ratio, "steps": steps, "batch_size": curve["batch_size"],
+               "seq_len": curve["seq_len"]}
+        windows = build_windows(texts, tokenizer, curve["seq_len"], steps * curve["batch_size"], 0)
+        small, seconds = _tune_pat(path, tokenizer, windows, run)
+        points[(ratio, steps)] = {"pruning_ratio": ratio, "steps": steps, "train_seconds": seconds,
+                                  "hidden_size": small.config.hidden_size,
+                                  **_perplexities(small, tokenizer, eval_texts, settings["eval_seq_len"],
+                                                  curve["eval_tokens"])}
+    return {"steps": [points[(settings["pruning_ratio"], s)] for s in curve["steps"]],
+            "ratios": [points[(r, curve["ratio_steps"])] for r in curve["ratios"]]}
+
+
+def _perplexities(model, tokenizer, eval_texts: dict, seq_len: int, tokens: int) -> dict[str, float]:
+    from hf_dpruner.evaluation import perplexity
+
+    return {key: perplexity(model, tokenizer, texts, seq_len=seq_len, max_tokens=tokens,
+                            disable_tqdm=True)["perplexity"] for key, texts in eval_texts.items()}
+
+
+def throughput(models: dict[str, dict], tokenizer, settings: dict, texts: list[str]) -> dict[str, dict[str, float]]:
+    """Tokens/s per model: greedy decoding at batch 1 and 8 (new tokens / time of `generate`), and the prefill of
+    one ``prefill_tokens`` prompt (one forward); measured interleaved, median of the repeats."""
     import torch
 
-    prompt_ids = tokenizer(" ".join(texts[:4]), return_tensors="pt")["input_ids"]
+    prompt_ids = tokenizer(" ".join(texts[:64]), return_tensors="pt")["input_ids"]
+    if prompt_ids.shape[1] < settings["prefill_tokens"]:
+        raise ValueError(f"The eval texts hold fewer than {settings['prefill_tokens']} tokens for the prefill.")
     prompt = prompt_ids[:, : settings["prompt_tokens"]]
+    long_prompt = prompt_ids[:, : settings["prefill_tokens"]]
     new = settings["new_tokens"]
-    timings: dict[str, dict[int, list[float]]] = {name: {1: [], 8: []} for name in models}
+    kinds = ("batch1", "batch8", "prefill")
+    timings: dict[str, dict[str, list[float]]] = {name: {k: [] for k in kinds} for name in models}
 
     def generate(model, batch: int) -> float:
         ids = prompt.repeat(batch, 1)
@@ -126,19 +192,26 @@ def throughput(models: dict[str, dict], tokenizer, settings: dict, texts: list[s
         assert out.shape[1] == ids.shape[1] + new
         return batch * new / (time.perf_counter() - start)
 
+    def prefill(model) -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model(input_ids=long_prompt, use_cache=False)
+        return long_prompt.shape[1] / (time.perf_counter() - start)
+
     for entry in models.values():
         entry["model"].eval()
         generate(entry["model"], 1)  # warm-up
+        prefill(entry["model"])
     for _ in range(settings["repeats"]):
-        for batch in (1, 8):
+        for kind in kinds:
             for name, entry in models.items():
-                timings[name][batch].append(generate(entry["model"], batch))
-    return {name: {batch: statistics.median(values) for batch, values in t.items()} for name, t in timings.items()}
+                value = prefill(entry["model"]) if kind == "prefill" else generate(entry["model"], int(kind[-1]))
+                timings[name][kind].append(value)
+    return {name: {kind: statistics.median(values) for kind, values in t.items()} for name, t in timings.items()}
 
 
-def measure(settings: dict) -> list[dict]:
+def measure(settings: dict) -> tuple[list[dict], dict[str, list[dict]]]:
     from hf_dpruner.corpora import load_corpus_texts
-    from hf_dpruner.evaluation import perplexity
 
     models, tokenizer = train_models(settings)
     eval_texts = {key: load_corpus_texts(corpus, "eval") for key, corpus in (("domain_ppl", DOMAIN),
@@ -147,72 +220,104 @@ def measure(settings: dict) -> list[dict]:
     rows = []
     for name, entry in models.items():
         model = entry["model"]
-        ppl = {key: perplexity(model, tokenizer, texts, seq_len=settings["eval_seq_len"],
-                               max_tokens=settings["eval_tokens"], disable_tqdm=True)["perplexity"]
-               for key, texts in eval_texts.items()}
+        ppl = _perplexities(model, tokenizer, eval_texts, settings["eval_seq_len"], settings["eval_tokens"])
         size = _checkpoint_bytes(model)
         nonzero = sum(int((p != 0).sum()) for p in model.parameters())
         rows.append({"method": name, **ppl, "parameters": model.num_parameters(), "nonzero_parameters": nonzero,
                      "hidden_size": model.config.hidden_size, "checkpoint_bytes": size,
-                     "tokens_per_s_batch1": speeds[name][1], "tokens_per_s_batch8": speeds[name][8],
-                     "train_seconds": entry["train_seconds"], "prune_seconds": entry.get("prune_seconds", 0.0)})
-    return rows
+                     "tokens_per_s_batch1": speeds[name]["batch1"], "tokens_per_s_batch8": speeds[name]["batch8"],
+                     "tokens_per_s_prefill": speeds[name]["prefill"], "train_seconds": entry["train_seconds"]})
+    del models
+    return rows, curves(settings, tokenizer)
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
 
 
 def goals(rows: list[dict], settings: dict) -> list[str]:
     by = {r["method"]: r for r in rows}
-    pat = by[f"PAT {settings['pruning_ratio']:.0%}"]
-    dense, lora = by["dense"], by["dense + LoRA"]
+    pat, dense, lora = by[pat_label(settings)], by["dense"], by["dense + LoRA"]
     lines = []
-    for batch in (1, 8):
-        ratio = pat[f"tokens_per_s_batch{batch}"] / dense[f"tokens_per_s_batch{batch}"]
-        lines.append(f"PAT tokens/s at batch {batch}: {ratio:.2f}x the dense model (goal >= 1.25x) — "
-                     f"{'met' if ratio >= 1.25 else 'MISSED'}.")
-    gap = pat["domain_ppl"] / lora["domain_ppl"] - 1
-    lines.append(f"PAT domain perplexity {gap:+.1%} vs dense + LoRA (goal within 10%) — "
-                 f"{'met' if gap <= 0.10 else 'MISSED'}.")
+    for key, what in (("batch8", "decoding at batch 8"), ("prefill", f"{settings['prefill_tokens']}-token prefill"),
+                      ("batch1", "decoding at batch 1")):
+        ratio = pat[f"tokens_per_s_{key}"] / dense[f"tokens_per_s_{key}"]
+        lines.append(f"PAT tokens/s, {what}: {ratio:.2f}x the dense model (goal >= {GOALS['speed']}x) — "
+                     f"{_met(ratio >= GOALS['speed'])}.")
+    ratio = pat["domain_ppl"] / lora["domain_ppl"]
+    lines.append(f"PAT domain perplexity {ratio:.2f}x dense + LoRA's (goal <= {GOALS['quality_vs_lora']}x) — "
+                 f"{_met(ratio <= GOALS['quality_vs_lora'])}.")
+    peer = by.get(one_shot_label(settings))
+    if peer is not None:
+        gain = 1 - pat["domain_ppl"] / peer["domain_ppl"]
+        lines.append(f"PAT domain perplexity {abs(gain):.1%} {'lower' if gain >= 0 else 'higher'} than the one-shot "
+                     f"peer's (goal >= {GOALS['vs_one_shot']:.0%} lower) — {_met(gain >= GOALS['vs_one_shot'])}.")
     return lines
 
 
-def markdown(rows: list[dict], settings: dict) -> str:
+def markdown(rows: list[dict], settings: dict, curve_points: dict[str, list[dict]] | None = None) -> str:
     lines = [f"Embedded SmolLM2-135M, {DOMAIN}; {settings['steps']} AdamW steps of {settings['batch_size']} x "
              f"{settings['seq_len']} tokens, lr {settings['learning_rate']}, LoRA r {settings['lora_r']} on every "
              f"linear layer for each tuned model. Perplexity: first {settings['eval_tokens']} tokens of each eval "
-             f"split, windows of {settings['eval_seq_len']}. Generation: greedy, {settings['prompt_tokens']}-token "
-             f"prompt, {settings['new_tokens']} new tokens, median of {settings['repeats']}, all models in one "
-             "process.", "",
-             "| method | hidden | domain ppl | general ppl | parameters | non-zero | checkpoint MiB | tok/s b1 | "
-             "tok/s b8 | train (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"split, windows of {settings['eval_seq_len']}. Speed: greedy decoding of {settings['new_tokens']} "
+             f"tokens after a {settings['prompt_tokens']}-token prompt, and one forward over a "
+             f"{settings['prefill_tokens']}-token prompt; median of {settings['repeats']}, all models in one process.",
+             "",
+             "| method | hidden | domain ppl | general ppl | parameters | checkpoint MiB | tok/s b1 | tok/s b8 | "
+             "prefill tok/s | train (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['hidden_size']} | {r['domain_ppl']:.2f} | {r['general_ppl']:.2f} | "
-                     f"{r['parameters'] / 1e6:.1f}M | {r['nonzero_parameters'] / 1e6:.1f}M | "
-                     f"{r['checkpoint_bytes'] / 2**20:.0f} | {r['tokens_per_s_batch1']:.1f} | "
-                     f"{r['tokens_per_s_batch8']:.1f} | {r['train_seconds']:.0f} |")
-    return "\n".join(lines + [""] + [f"- {g}" for g in goals(rows, settings)]) + "\n"
+                     f"{r['parameters'] / 1e6:.1f}M | {r['checkpoint_bytes'] / 2**20:.0f} | "
+                     f"{r['tokens_per_s_batch1']:.1f} | {r['tokens_per_s_batch8']:.1f} | "
+                     f"{r['tokens_per_s_prefill']:.0f} | {r['train_seconds']:.0f} |")
+    lines += [""] + [f"- {g}" for g in goals(rows, settings)]
+    if curve_points:
+        curve = settings["curve"]
+        lines += ["", f"Curves of the default PAT ({curve['batch_size']} x {curve['seq_len']} tokens per step, "
+                  f"perplexity on the first {curve['eval_tokens']} tokens):", "",
+                  "| pruning ratio | steps | hidden | domain ppl | general ppl | train (s) |",
+                  "|---|---|---|---|---|---|"]
+        seen = set()
+        for point in curve_points["steps"] + curve_points["ratios"]:
+            key = (point["pruning_ratio"], point["steps"])
+            if key not in seen:
+                seen.add(key)
+                lines.append(f"| {point['pruning_ratio']:.0%} | {point['steps']} | {point['hidden_size']} | "
+                             f"{point['domain_ppl']:.2f} | {point['general_ppl']:.2f} | {point['train_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], curve_points: dict[str, list[dict]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
-    names = [r["method"] for r in rows]
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8))
+    (quality, speed), (steps, ratios) = axes
+    names = [r["method"].replace(" (", "\n(") for r in rows]
+    x = range(len(rows))
     for offset, key in ((-0.2, "domain_ppl"), (0.2, "general_ppl")):
-        left.bar([i + offset for i in range(len(rows))], [r[key] for r in rows], width=0.4, label=key)
-    left.set_xticks(range(len(rows)), names, fontsize=7)
-    left.set(ylabel="perplexity", title="quality (lower is better)")
-    left.legend(fontsize=7)
+        quality.bar([i + offset for i in x], [r[key] for r in rows], width=0.4, label=key)
+    quality.set_yscale("log")
+    quality.set_xticks(list(x), names, fontsize=6)
+    quality.set(ylabel="perplexity (log)", title="quality (lower is better)")
+    quality.legend(fontsize=7)
     dense = rows[0]
-    for offset, batch in ((-0.2, 1), (0.2, 8)):
-        key = f"tokens_per_s_batch{batch}"
-        right.bar([i + offset for i in range(len(rows))], [r[key] / dense[key] for r in rows], width=0.4,
-                  label=f"batch {batch}")
-    right.axhline(1.25, color="grey", linestyle="--", linewidth=1, label="goal 1.25x")
-    right.set_xticks(range(len(rows)), names, fontsize=7)
-    right.set(ylabel="generation tokens/s vs dense", title="CPU speed (higher is better)")
-    right.legend(fontsize=7)
+    for offset, key in ((-0.27, "batch1"), (0.0, "batch8"), (0.27, "prefill")):
+        speed.bar([i + offset for i in x], [r[f"tokens_per_s_{key}"] / dense[f"tokens_per_s_{key}"] for r in rows],
+                  width=0.27, label=key)
+    speed.axhline(GOALS["speed"], color="grey", linestyle="--", linewidth=1, label=f"goal {GOALS['speed']}x")
+    speed.set_xticks(list(x), names, fontsize=6)
+    speed.set(ylabel="tokens/s vs dense", title="CPU speed (higher is better)")
+    speed.legend(fontsize=7)
+    for axis, points, key, label in ((steps, curve_points["steps"], "steps", "training steps"),
+                                     (ratios, curve_points["ratios"], "pruning_ratio", "pruning ratio")):
+        for metric in ("domain_ppl", "general_ppl"):
+            axis.plot([p[key] for p in points], [p[metric] for p in points], marker="o", label=metric)
+        axis.set_yscale("log")
+        axis.set(xlabel=label, ylabel="perplexity (log)", title=f"default PAT: perplexity vs {label}")
+        axis.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -222,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI-sized run.")
     parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
-    parser.add_argument("--steps", type=int, help="Override the number of training steps.")
+    parser.add_argument("--steps", type=int, help="Override the number of training steps of the table's models.")
     args = parser.parse_args(argv)
     metadata = start_metadata(__file__, args, argv)
     mode = "quick" if args.quick else "full"
@@ -230,15 +335,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps:
         settings["steps"] = args.steps
     start = time.perf_counter()
-    rows = measure(settings)
+    rows, curve_points = measure(settings)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = "pat" if mode == "full" else "pat-quick"
-    results = {"metadata": finish_metadata(metadata), "settings": settings, "runs": rows,
+    results = {"metadata": finish_metadata(metadata), "settings": settings, "runs": rows, "curves": curve_points,
                "seconds": time.perf_counter() - start}
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(markdown(rows, settings))
-    plot(rows, out / f"{stem}.png")
+    (out / f"{stem}.md").write_text(markdown(rows, settings, curve_points))
+    plot(rows, curve_points, out / f"{stem}.png")
     print((out / f"{stem}.md").read_text())
     return 0
 

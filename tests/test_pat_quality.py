@@ -84,8 +84,9 @@ def test_zeros_is_the_paper_and_measures_nothing(tmp_path):
     dataset = Dataset.from_dict({"input_ids": make_windows(4, 16).tolist()})
     args = TrainingArguments(str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2, report_to=[],
                              save_strategy="no", disable_tqdm=True)
-    trainer = PATTrainer(model=build_tiny("llama"), args=args, pat_config=PATConfig(lora_r=0, hsm_rank=2),
-                         train_dataset=dataset)
+    assert PATConfig().mask_init == "activation"  # the default; zeros is the paper's
+    trainer = PATTrainer(model=build_tiny("llama"), args=args,
+                         pat_config=PATConfig(lora_r=0, hsm_rank=2, mask_init="zeros"), train_dataset=dataset)
     assert trainer.initialize_mask() is None and bool((trainer.pat.mask.logits == 0).all())
 
 
@@ -228,3 +229,17 @@ def _pat_trainer(tmp_path, model, config, steps, **overrides):
 def test_distillation_settings_are_validated(field, value, message):
     with pytest.raises(ValueError, match=message):
         PATConfig(**{field: value})
+
+
+@pytest.mark.parametrize("hsm_lr", [None, 5e-3])
+def test_the_mask_and_the_hsms_get_their_own_learning_rates(tmp_path, hsm_lr):
+    config = PATConfig(lora_r=2, hsm_rank=2, mask_init="zeros", mask_learning_rate=3e-3, hsm_learning_rate=hsm_lr)
+    trainer = _pat_trainer(tmp_path, build_tiny("llama"), config, steps=1)
+    optimizer = trainer.create_optimizer()
+    lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    hsm_params = [p for p in trainer.pat.hsms.parameters() if p.requires_grad]
+    assert lr_of[id(trainer.pat.mask.logits)] == 3e-3
+    assert {lr_of[id(p)] for p in hsm_params} == {hsm_lr or trainer.args.learning_rate}
+    lora = [p for n, p in trainer.model.named_parameters() if "lora_" in n]
+    assert lora and {lr_of[id(p)] for p in lora} == {trainer.args.learning_rate}
+    assert sum(len(group["params"]) for group in optimizer.param_groups) == len(lr_of)  # each parameter once

@@ -36,11 +36,12 @@ class PATConfig(RecipeConfig):
         },
     )
     mask_init: str = field(
-        default="zeros",
+        default="activation",
         metadata={
-            "help": "How the mask logits start: 'zeros' (the paper: every channel alike, chosen by the first "
-            "gradient steps), 'activation' (Minitron's activation importance at the RMSNorm outputs) or 'taylor' "
-            "(|dL/dgate| at the open gate), measured on the first mask_init_samples training windows."
+            "help": "How the mask logits start: 'activation' (Minitron's activation importance at the RMSNorm "
+            "outputs; the best measured), 'taylor' (|dL/dgate| at the open gate), both measured on the first "
+            "mask_init_samples training windows, or 'zeros' (the paper: every channel alike, chosen by the first "
+            "gradient steps)."
         },
     )
     mask_init_samples: int = field(
@@ -53,6 +54,10 @@ class PATConfig(RecipeConfig):
     mask_learning_rate: float | None = field(
         default=None,
         metadata={"help": "Learning rate of the mask logits. Default: 10x the Trainer's learning rate."},
+    )
+    hsm_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the HSMs' transforms. Default: the Trainer's learning rate."},
     )
     active_loss_weight: float = field(
         default=1.0,
@@ -96,8 +101,9 @@ class PATConfig(RecipeConfig):
             raise ValueError(f"mask_init_samples must be a positive integer, got {self.mask_init_samples!r}.")
         if not self.mask_init_scale > 0:
             raise ValueError(f"mask_init_scale must be > 0, got {self.mask_init_scale!r}.")
-        if self.mask_learning_rate is not None and self.mask_learning_rate <= 0:
-            raise ValueError(f"mask_learning_rate must be > 0, got {self.mask_learning_rate!r}.")
+        for name in ("mask_learning_rate", "hsm_learning_rate"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}.")
         for name in ("active_loss_weight", "identity_loss_weight", "lora_dropout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}.")

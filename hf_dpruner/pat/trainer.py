@@ -121,13 +121,19 @@ class PATTrainer(Trainer):
         return importance
 
     def create_optimizer(self, model=None):
-        """The Trainer's optimizer, with the mask logits moved to a group of their own (no weight decay)."""
+        """The Trainer's optimizer, with the mask logits moved to a group of their own (no weight decay), and the
+        HSMs too when ``hsm_learning_rate`` is set."""
         optimizer = super().create_optimizer(model)
+        cfg = self.pat_config
         logits = self.pat.mask.logits
+        hsm = [p for p in self.pat.hsms.parameters() if p.requires_grad] if cfg.hsm_learning_rate else []
+        moved = {id(p) for p in [logits, *hsm]}
         for group in optimizer.param_groups:
-            group["params"] = [p for p in group["params"] if p is not logits]
-        lr = self.pat_config.mask_learning_rate or 10 * self.args.learning_rate
-        optimizer.add_param_group({"params": [logits], "lr": lr, "weight_decay": 0.0})
+            group["params"] = [p for p in group["params"] if id(p) not in moved]
+        optimizer.add_param_group({"params": [logits], "lr": cfg.mask_learning_rate or 10 * self.args.learning_rate,
+                                   "weight_decay": 0.0})
+        if hsm:
+            optimizer.add_param_group({"params": hsm, "lr": cfg.hsm_learning_rate, "weight_decay": 0.0})
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
