@@ -34,7 +34,7 @@ def main() -> None:
     trainer = PATTrainer(
         model=model,
         args=TrainingArguments(args.output_dir, max_steps=args.max_steps, per_device_train_batch_size=2,
-                               learning_rate=2e-4, logging_steps=10, save_strategy="no", report_to="none"),
+                               learning_rate=1e-3, logging_steps=10, save_strategy="no", report_to="none"),
         pat_config=PATConfig(pruning_ratio=args.pruning_ratio),
         train_dataset="medical", processing_class=tokenizer, seq_len=128, num_samples=2 * args.max_steps,
     )

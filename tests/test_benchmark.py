@@ -130,7 +130,7 @@ def test_quick_pat_benchmark_writes_results(tmp_path):
     assert results["metadata"]["cli_args"]["quick"] is True and results["metadata"]["torch_threads"] >= 1
     runs = {r["method"]: r for r in results["runs"]}
     small = ["PAT 25%", "PAT 25% (paper: mask from zeros)", "PAT 25% + KD 0.5", "one-shot 25% + LoRA"]
-    assert set(runs) == {"dense", "dense + LoRA", *small}
+    assert set(runs) == {"dense", "dense + LoRA", "dense + LoRA (lr 0.0002)", *small}
     assert runs["dense"]["hidden_size"] == 576 and all(runs[name]["hidden_size"] == 432 for name in small)
     assert all(runs[name]["parameters"] < runs["dense"]["parameters"] for name in small)
     assert runs["PAT 25%"]["checkpoint_bytes"] < runs["dense"]["checkpoint_bytes"]

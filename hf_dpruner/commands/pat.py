@@ -30,10 +30,12 @@ class PATArguments:
 
 @dataclass
 class PATTrainingArguments(TrainingArguments):
-    """TrainingArguments with PAT defaults (AdamW 2e-4, 100 steps, batches of 4, nothing saved mid-way)."""
+    """TrainingArguments with PAT defaults (AdamW 1e-3, 100 steps, batches of 4, nothing saved mid-way)."""
 
     output_dir: str | None = field(default=None, metadata={"help": "Where the exported smaller model is written."})
-    learning_rate: float = field(default=2e-4, metadata={"help": "Learning rate of LoRA and the HSMs."})
+    learning_rate: float = field(
+        default=1e-3, metadata={"help": "Learning rate of LoRA and the HSMs (1e-3 measured best; the mask: 10x)."}
+    )
     max_steps: int = field(default=100, metadata={"help": "Optimizer steps (the mask is binary after a third)."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Windows per batch."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpointing during tuning."})
