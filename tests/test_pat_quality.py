@@ -8,13 +8,13 @@ import torch
 from datasets import Dataset
 from transformers import TrainingArguments
 
+from hf_dpruner.distillation import distillation_loss_sum
 from hf_dpruner.pat import PATConfig, PATTrainer, get_pat_model, get_pat_modules, width_prune
 from hf_dpruner.pat.channel_importance import (
     activation_channel_importance,
     logits_from_importance,
     taylor_channel_importance,
 )
-from hf_dpruner.pat.distillation import distillation_loss_sum
 
 from testing_utils import build_tiny, make_batches, make_windows
 

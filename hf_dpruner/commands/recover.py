@@ -12,8 +12,9 @@ from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
 from ..config import read_pruning_record, recorded_source
 from ..corpora import CORPORA
 from ..data import load_texts
-from ..modeling import AutoPrunedModelForCausalLM, is_stale_checkpoint_file
+from ..modeling import AutoPrunedModelForCausalLM, is_stale_checkpoint_file, load_causal_lm
 from ..recovery.recover import RecoveryArguments, plot_ranks, recover
+from ..resources import DEFAULT_MODEL_NAME, default_model_path
 from ..utils import replacing_folder
 
 ADAPTER_DIR = "adapter"
@@ -68,14 +69,26 @@ def main(argv: list[str]) -> int:
     if eval_data is None and args.rank_allocation == "rankadaptor":
         parser.error(f"--eval-data is needed to score the search runs on data other than {sorted(CORPORA)}.")
 
+    teacher_name = None
+    if args.distill_weight > 0:
+        teacher_name = args.teacher or recorded_source(record.get("base_model"), pruned_dir, "base_model", "--teacher")
+        if teacher_name is None:
+            parser.error("the checkpoint records no base model to distil from: pass --teacher.")
+
     tokenizer = AutoTokenizer.from_pretrained(pruned_dir)
     model = AutoPrunedModelForCausalLM.from_pretrained(pruned_dir)
+    teacher = None
+    if teacher_name is not None:
+        teacher_path = str(default_model_path()) if teacher_name == DEFAULT_MODEL_NAME else teacher_name
+        print(f"teacher: {teacher_name}", file=sys.stderr)
+        teacher = load_causal_lm(teacher_path, dtype=next(model.parameters()).dtype)
+        args.teacher = teacher_name
     out = Path(training_args.output_dir)
     # the merged model, the adapter and the plot replace the output folder together, or not at all
     with replacing_folder(out, stale=is_stale_checkpoint_file) as staging:
         result = recover(
             model, tokenizer, load_texts(data), load_texts(eval_data, split="eval") if eval_data else [],
-            args, training_args, adapter_dir=staging / ADAPTER_DIR,
+            args, training_args, adapter_dir=staging / ADAPTER_DIR, teacher=teacher,
         )
         result.model.pruning_record["recovery"]["data"] = data
         result.model.save_pretrained(staging, tokenizer=tokenizer)

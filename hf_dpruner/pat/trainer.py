@@ -14,11 +14,11 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, Trainer
 from transformers.utils import logging
 
-from ..step_penalty import add_step_penalty, loss_is_scaled_for_ga
+from ..distillation import distillation_loss, mix_distillation
+from ..step_penalty import add_step_penalty
 from ..trainer_setup import calibration_trainer_inputs
 from .channel_importance import activation_channel_importance, logits_from_importance, taylor_channel_importance
 from .config import PATConfig
-from .distillation import distillation_loss_sum
 from .export import export_pat_model
 from .modules import get_pat_model, get_pat_modules
 
@@ -146,25 +146,21 @@ class PATTrainer(Trainer):
             weight = self.pat_config.distill_weight
             if weight > 0:
                 distill = self._distillation(model, inputs, outputs.logits, labels, num_items_in_batch)
-                loss = (1.0 - weight) * loss + weight * distill
+                loss = mix_distillation(loss, distill, weight)
             loss = add_step_penalty(self, loss, self._pat_penalty, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
     def _distillation(self, model, inputs, logits, labels, num_items_in_batch) -> torch.Tensor:
-        """The distillation term, normalised like the LM loss: over the tokens of the whole accumulated batch when
-        `training_step` does not divide by the accumulation steps, else per micro-batch."""
+        """The distillation term to the dense model (`distillation_loss`)."""
         unwrapped = self.accelerator.unwrap_model(model)
         adapters_off = unwrapped.disable_adapter() if isinstance(unwrapped, PeftModel) else nullcontext()
         batch = {k: v for k, v in inputs.items() if k != "labels"}
         with torch.no_grad(), adapters_off, self.pat.bypassed():
             teacher = unwrapped(**batch).logits
-        total, count = distillation_loss_sum(logits, teacher, labels, self.pat_config.distill_temperature)
-        if loss_is_scaled_for_ga(self, num_items_in_batch):
-            value = total / num_items_in_batch
-        else:
-            value = total / max(count, 1)
+        value = distillation_loss(self, logits, teacher, labels, self.pat_config.distill_temperature,
+                                  num_items_in_batch)
         self._pat_terms["pat_distill_loss"] = float(value.detach())
-        return value.to(logits.dtype)
+        return value
 
     def _pat_penalty(self) -> torch.Tensor:
         cfg, mask = self.pat_config, self.pat.mask

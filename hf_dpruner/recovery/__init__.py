@@ -1,5 +1,6 @@
 """Recovery of pruned models: LoRA whose updates keep the pruning masks, and RankAdaptor per-layer ranks."""
 
+from .distillation_trainer import DistillationTrainer
 from .lora import get_masked_peft_model, load_masked_adapter, merge_masked_lora
 from .masked_lora_layer import MaskedLoraLinear
 from .performance_model import PerformanceModel, RecoveryRun
@@ -15,6 +16,7 @@ from .rankadaptor import (
 from .recover import RecoveryArguments, RecoveryResult, plot_ranks, rank_space_for, recover
 
 __all__ = [
+    "DistillationTrainer",
     "MaskedLoraLinear",
     "PerformanceModel",
     "RankAdaptorConfig",

@@ -14,6 +14,7 @@ from transformers.utils import logging
 from ..data import CausalLMCollator, build_windows, collate_batches
 from ..targets import find_prunable_weights, module_type
 from ..utils import replacing_folder
+from .distillation_trainer import DistillationTrainer
 from .lora import get_masked_peft_model, merge_masked_lora
 from .performance_model import PerformanceModel
 from .rank_space import RankSpace, lora_parameter_count
@@ -48,6 +49,19 @@ class RecoveryArguments:
     search_initial: int = field(default=8, metadata={"help": "Configurations measured before the first model fit."})
     search_rounds: int = field(default=4, metadata={"help": "Predicted-best configurations measured for real."})
     search_eval_samples: int = field(default=8, metadata={"help": "Held-out windows that score each search run."})
+    distill_weight: float = field(
+        default=0.0,
+        metadata={"help": "Weight a of distillation from the dense teacher: loss = (1 - a) * LM loss + a * T^2 * "
+                  "KL(teacher || student) per predicted token. 0: the LM loss alone; 1: distillation alone. The "
+                  "teacher is held in memory beside the student (one more model) and runs one more forward per batch; "
+                  "the RankAdaptor search runs stay LM-only."},
+    )
+    distill_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature T of the distillation."})
+    teacher: str | None = field(
+        default=None,
+        metadata={"help": "Teacher for distillation: a folder or Hub id. Default: the base model the checkpoint "
+                  "records."},
+    )
     performance_model: str | None = field(
         default=None,
         metadata={"help": "Folder of logged search runs (offline meta-learning): read if it exists, then written "
@@ -61,6 +75,10 @@ class RecoveryArguments:
                      "search_eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight!r}.")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"distill_temperature must be > 0, got {self.distill_temperature!r}.")
 
 
 @dataclass
@@ -88,14 +106,19 @@ def recover(
     args: RecoveryArguments,
     training_args: TrainingArguments,
     adapter_dir: str | Path | None = None,
+    teacher: PreTrainedModel | None = None,
 ) -> RecoveryResult:
     """Recover a pruned model (from `AutoPrunedModelForCausalLM`) with masked LoRA and return it merged.
 
     With ``rank_allocation="rankadaptor"`` the per-layer ranks come from `search_ranks` (short runs on the training
     windows, scored on `search_eval_samples` windows of `eval_texts`) at the budget of uniform rank `lora_r`. The
     final adapter is trained with `transformers.Trainer` under `training_args` (same steps for both allocations),
-    saved in peft format to `adapter_dir` if given, then merged: the result is exactly as sparse as before.
+    saved in peft format to `adapter_dir` if given, then merged: the result is exactly as sparse as before. With
+    ``distill_weight > 0`` the final training distils from `teacher` (the dense model, required then).
     """
+    if args.distill_weight > 0 and teacher is None:
+        raise ValueError("distill_weight > 0 needs a teacher: pass the dense model (recover(..., teacher=model)), or "
+                         "set distill_weight=0.")
     seconds: dict[str, float] = {}
     targets = args.lora_target_modules or sorted({module_type(n) for n in find_prunable_weights(model)})
     base_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -130,8 +153,13 @@ def recover(
     config = lora_config_for(model, base_config, ranks, space.mean_rank)
     start = time.perf_counter()
     peft_model: PeftModel = get_masked_peft_model(model, config)
-    Trainer(model=peft_model, args=training_args, train_dataset=windows,
-            data_collator=CausalLMCollator(tokenizer.pad_token_id)).train()
+    trainer_kwargs = dict(model=peft_model, args=training_args, train_dataset=windows,
+                          data_collator=CausalLMCollator(tokenizer.pad_token_id))
+    if args.distill_weight > 0:
+        DistillationTrainer(**trainer_kwargs, teacher=teacher, distill_weight=args.distill_weight,
+                            distill_temperature=args.distill_temperature).train()
+    else:
+        Trainer(**trainer_kwargs).train()
     seconds["train"] = time.perf_counter() - start
     if adapter_dir is not None:
         with replacing_folder(adapter_dir) as folder:
@@ -140,6 +168,9 @@ def recover(
     recovery = merged.pruning_record["recovery"]
     recovery.update(rank_allocation=args.rank_allocation, layer_ranks=list(ranks), max_steps=training_args.max_steps,
                     num_samples=len(windows), seq_len=args.seq_len)
+    if args.distill_weight > 0:
+        recovery["distillation"] = {"weight": args.distill_weight, "temperature": args.distill_temperature,
+                                    "teacher": args.teacher or str(getattr(teacher.config, "_name_or_path", ""))}
     if search is not None:
         recovery["search"] = {"runs": len(search.history), "seconds": round(seconds["search"], 1),
                               "short_run_steps": args.search_steps, "uniform_log_ppl": search.uniform_score,
