@@ -11,6 +11,8 @@ SUBCOMMANDS = {
     "recover": ("hf_dpruner.commands.recover", "LoRA recovery that keeps the sparsity (uniform or RankAdaptor ranks)."),
     "pat": ("hf_dpruner.commands.pat",
             "Pruning-Aware Tuning: learn which hidden channels to drop, export a smaller model."),
+    "run": ("hf_dpruner.commands.run",
+            "prune -> recover -> eval -> push in one command (flags or a YAML recipe), resumable by stage."),
     "push": ("hf_dpruner.commands.push", "Upload a pruned checkpoint with its masks and model card to the Hub."),
     "data": ("hf_dpruner.commands.data", "Prepare the embedded default model and the bundled corpora offline."),
 }
