@@ -114,6 +114,8 @@ def test_cli_recover_distils_from_the_teacher_it_is_given(tiny_model_dir, tmp_pa
     assert cli_main(["recover", str(pruned_dir), *flags, "--teacher", str(tiny_model_dir)]) == 0
     recovery = json.loads((out / "pruning_config.json").read_text())["recovery"]
     assert recovery["distillation"] == {"weight": 0.5, "temperature": 2.0, "teacher": str(tiny_model_dir)}
+    card = " ".join((out / "README.md").read_text().split())
+    assert f"distilling from `{tiny_model_dir}` (KL weight 0.5, temperature 2.0)" in card
     before = AutoPrunedModelForCausalLM.from_pretrained(pruned_dir)
     after = AutoPrunedModelForCausalLM.from_pretrained(out)
     assert all(torch.equal(before.pruning_masks[n], after.pruning_masks[n]) for n in before.pruning_masks)
