@@ -1,11 +1,13 @@
-"""Recovery benchmark: no recovery vs uniform-rank LoRA vs RankAdaptor, same budget, same steps, side by side.
+"""Recovery benchmark: no recovery vs uniform-rank LoRA (LM loss, distillation, both) vs RankAdaptor, side by side.
 
     python benchmarks/recovery.py --pruned out/smollm2-med-50     # a D-Pruner checkpoint of the embedded model
     python benchmarks/recovery.py                                 # prunes the embedded model first (CLI defaults)
 
-Both LoRA runs train `--max-steps` AdamW steps on the same recovery windows of the checkpoint's domain corpus with
-masked LoRA (the merged models stay exactly as sparse); RankAdaptor's ranks sum to the uniform budget. Perplexity on
-the held-out eval splits. Writes ``<output-dir>/recovery.json``, ``recovery.md`` and ``recovery.png``.
+Every LoRA run trains `--max-steps` AdamW steps on the same recovery windows of the checkpoint's domain corpus with
+masked LoRA (the merged models stay exactly as sparse); RankAdaptor's ranks sum to the uniform budget; the
+distillation rows learn the dense base model's next-token distribution (KL, mixed with the LM loss or alone).
+Perplexity on the held-out eval splits, the dense base model's too. Writes ``<output-dir>/recovery.json``,
+``recovery.md`` and ``recovery.png``.
 """
 
 from __future__ import annotations
@@ -24,8 +26,13 @@ if str(_HERE) not in sys.path:  # run as a script or loaded by path from the tes
 from _meta import finish_metadata, start_metadata  # noqa: E402
 
 SETTINGS = dict(lora_r=8, num_samples=64, seq_len=256, max_steps=40, batch_size=4, learning_rate=3e-4,
+                distill_weights=[0.5, 1.0], distill_temperature=1.0,
                 search_steps=8, search_initial=8, search_rounds=4, search_eval_samples=8,
                 eval_tokens=16384, eval_seq_len=512)
+
+
+def _kd_label(weight: float) -> str:
+    return "LoRA uniform, distillation only" if weight == 1.0 else f"LoRA uniform + distillation {weight:g}"
 
 
 def measure(settings: dict, pruned: Path) -> list[dict]:
@@ -35,7 +42,9 @@ def measure(settings: dict, pruned: Path) -> list[dict]:
     from hf_dpruner.config import read_pruning_record
     from hf_dpruner.corpora import load_corpus_texts
     from hf_dpruner.evaluation import perplexity
+    from hf_dpruner.modeling import load_causal_lm
     from hf_dpruner.recovery import RecoveryArguments, recover
+    from hf_dpruner.resources import DEFAULT_MODEL_NAME, default_model_path
 
     domain = read_pruning_record(pruned)["calibration"].get("domain_data", "medical")
     tokenizer = AutoTokenizer.from_pretrained(pruned)
@@ -45,15 +54,24 @@ def measure(settings: dict, pruned: Path) -> list[dict]:
                                  max_tokens=settings["eval_tokens"], disable_tqdm=True)["perplexity"]
                 for name, corpus in (("domain_ppl", domain), ("general_ppl", "general"))}
 
-    rows = [{"method": "no recovery", "lora_parameters": 0, "layer_ranks": None, "search_seconds": 0.0,
+    record = read_pruning_record(pruned)
+    base = record.get("base_model")
+    teacher = load_causal_lm(str(default_model_path()) if base in (None, DEFAULT_MODEL_NAME) else base)
+    rows = [{"method": "dense", "lora_parameters": 0, "layer_ranks": None, "search_seconds": 0.0,
+             "train_seconds": 0.0, **evaluate(teacher)},
+            {"method": "no recovery", "lora_parameters": 0, "layer_ranks": None, "search_seconds": 0.0,
              "train_seconds": 0.0, **evaluate(AutoPrunedModelForCausalLM.from_pretrained(pruned))}]
-    for allocation in ("uniform", "rankadaptor"):
+    variants = [("LoRA uniform", "uniform", 0.0)]
+    variants += [(_kd_label(weight), "uniform", weight) for weight in settings["distill_weights"]]
+    variants += [("LoRA rankadaptor", "rankadaptor", 0.0)]
+    for label, allocation, weight in variants:
         model = AutoPrunedModelForCausalLM.from_pretrained(pruned)
         args = RecoveryArguments(
             rank_allocation=allocation, lora_r=settings["lora_r"], num_samples=settings["num_samples"],
             seq_len=settings["seq_len"], search_steps=settings["search_steps"],
             search_initial=settings["search_initial"], search_rounds=settings["search_rounds"],
-            search_eval_samples=settings["search_eval_samples"],
+            search_eval_samples=settings["search_eval_samples"], distill_weight=weight,
+            distill_temperature=settings["distill_temperature"],
         )
         training_args = TrainingArguments(
             tempfile.mkdtemp(prefix="bench-recovery-"), max_steps=settings["max_steps"],
@@ -61,10 +79,10 @@ def measure(settings: dict, pruned: Path) -> list[dict]:
             save_strategy="no", report_to="none", disable_tqdm=True, logging_strategy="no", seed=0,
         )
         result = recover(model, tokenizer, load_corpus_texts(domain), load_corpus_texts(domain, "eval"), args,
-                         training_args)
+                         training_args, teacher=teacher if weight > 0 else None)
         model = result.model
         model.check_pruned_weights()
-        rows.append({"method": f"LoRA {allocation}", "lora_parameters": result.lora_parameters,
+        rows.append({"method": label, "lora_parameters": result.lora_parameters,
                      "layer_ranks": list(result.ranks), "search_seconds": result.seconds.get("search", 0.0),
                      "train_seconds": result.seconds["train"], "sparsity": model.pruning_sparsity()["overall"],
                      "search_runs": len(result.search.history) if result.search else 0, **evaluate(model)})
@@ -83,6 +101,13 @@ def markdown(rows: list[dict], settings: dict, pruned: str) -> str:
         lines.append(f"| {r['method']} | {r['domain_ppl']:.2f} | {r['general_ppl']:.2f} | {r['lora_parameters']:,} | "
                      f"{r['search_seconds']:.0f} | {r['train_seconds']:.0f} |")
     by = {r["method"]: r for r in rows}
+    tuned = [r for r in rows if r["method"].startswith("LoRA")]
+    if "dense" in by and tuned:
+        best = min(tuned, key=lambda r: r["domain_ppl"])
+        ratio = best["domain_ppl"] / by["dense"]["domain_ppl"]
+        lines += ["", f"Best recovery ({best['method']}): domain perplexity {ratio:.2f}x the dense model's "
+                      f"(goal of the 100-step chain: <= 1.3x) — {'met' if ratio <= 1.3 else 'MISSED'} at "
+                      f"{settings['max_steps']} steps."]
     if {"LoRA uniform", "LoRA rankadaptor"} <= set(by):
         gain = 1 - by["LoRA rankadaptor"]["domain_ppl"] / by["LoRA uniform"]["domain_ppl"]
         lines += ["", f"Goal (RankAdaptor's domain perplexity below uniform LoRA's at equal budget): "
@@ -101,10 +126,10 @@ def plot(rows: list[dict], path: Path) -> None:
     names = [r["method"] for r in rows]
     for offset, key in ((-0.2, "domain_ppl"), (0.2, "general_ppl")):
         left.bar([i + offset for i in range(len(rows))], [r[key] for r in rows], width=0.4, label=key)
-    left.set_xticks(range(len(rows)), names)
+    left.set_xticks(range(len(rows)), [n.replace(" + ", "\n+ ").replace(", ", ",\n") for n in names], fontsize=7)
     left.set(ylabel="perplexity", title="after recovery (lower is better)")
     left.legend(fontsize=7)
-    for r in rows[1:]:
+    for r in (r for r in rows if r["layer_ranks"]):
         right.plot(range(len(r["layer_ranks"])), r["layer_ranks"], marker="o", label=r["method"])
     right.set(xlabel="decoder layer", ylabel="LoRA rank", title="ranks per layer (same total)")
     right.legend(fontsize=7)

@@ -64,7 +64,7 @@ def test_quick_benchmark_writes_results(tmp_path):
     assert (tmp_path / "quick_domain_vs_general.png").stat().st_size > 10_000
 
 
-def test_recovery_report_states_the_goal_from_rows():
+def test_recovery_report_states_the_goal_from_rows(tmp_path):
     spec = importlib.util.spec_from_file_location("benchmark_recovery", SCRIPT.with_name("recovery.py"))
     recovery = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recovery)
@@ -81,6 +81,12 @@ def test_recovery_report_states_the_goal_from_rows():
     assert "5.0% lower — met" in text and "[12, 4]" in text
     rows[2]["domain_ppl"] = 42.0
     assert "5.0% higher — MISSED" in recovery.markdown(rows, recovery.SETTINGS, "ckpt")
+    rows.insert(0, {"method": "dense", "domain_ppl": 30.0, "general_ppl": 60.0, "lora_parameters": 0,
+                    "layer_ranks": None, "search_seconds": 0.0, "train_seconds": 0.0})
+    assert ("Best recovery (LoRA uniform): domain perplexity 1.33x the dense model's (goal of the 100-step chain: "
+            "<= 1.3x) — MISSED at 40 steps.") in recovery.markdown(rows, recovery.SETTINGS, "ckpt")
+    recovery.plot(rows, tmp_path / "recovery.png")  # rows without ranks (dense, no recovery) are left off the right
+    assert (tmp_path / "recovery.png").stat().st_size > 5_000
 
 
 def load_pat_benchmark():
