@@ -85,7 +85,8 @@ def measure(settings: dict, pruned: Path) -> list[dict]:
         rows.append({"method": label, "lora_parameters": result.lora_parameters,
                      "layer_ranks": list(result.ranks), "search_seconds": result.seconds.get("search", 0.0),
                      "train_seconds": result.seconds["train"], "sparsity": model.pruning_sparsity()["overall"],
-                     "search_runs": len(result.search.history) if result.search else 0, **evaluate(model)})
+                     "search_runs": len(result.search.history) if result.search else 0,
+                     "search_noise": result.search.noise if result.search else None, **evaluate(model)})
     return rows
 
 
@@ -113,6 +114,13 @@ def markdown(rows: list[dict], settings: dict, pruned: str) -> str:
         lines += ["", f"Goal (RankAdaptor's domain perplexity below uniform LoRA's at equal budget): "
                       f"{abs(gain):.1%} {'lower' if gain >= 0 else 'higher'} — {'met' if gain > 0 else 'MISSED'}.",
                   f"RankAdaptor ranks per layer: {by['LoRA rankadaptor']['layer_ranks']}"]
+        noise = by["LoRA rankadaptor"].get("search_noise")
+        if noise:
+            ratio = noise["signal_to_noise"]
+            lines.append(f"Search signal vs noise (log-ppl of the {settings['search_steps']}-step runs): spread "
+                         f"between {noise['configs']} configurations {noise['config_std']:.4f}, spread of one "
+                         f"configuration over {noise['seeds']} seeds {noise['seed_std']:.4f} (ratio "
+                         f"{'n/a' if ratio is None else f'{ratio:.2f}'}).")
     return "\n".join(lines) + "\n"
 
 

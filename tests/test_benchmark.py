@@ -85,6 +85,9 @@ def test_recovery_report_states_the_goal_from_rows(tmp_path):
                     "layer_ranks": None, "search_seconds": 0.0, "train_seconds": 0.0})
     assert ("Best recovery (LoRA uniform): domain perplexity 1.33x the dense model's (goal of the 100-step chain: "
             "<= 1.3x) — MISSED at 40 steps.") in recovery.markdown(rows, recovery.SETTINGS, "ckpt")
+    rows[3]["search_noise"] = {"configs": 8, "config_std": 0.01, "seeds": 3, "seed_std": 0.02, "signal_to_noise": 0.5}
+    assert ("spread between 8 configurations 0.0100, spread of one configuration over 3 seeds 0.0200 (ratio 0.50)"
+            in recovery.markdown(rows, recovery.SETTINGS, "ckpt"))
     recovery.plot(rows, tmp_path / "recovery.png")  # rows without ranks (dense, no recovery) are left off the right
     assert (tmp_path / "recovery.png").stat().st_size > 5_000
 

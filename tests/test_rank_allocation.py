@@ -6,6 +6,7 @@ import json
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from peft import LoraConfig
@@ -27,6 +28,7 @@ from hf_dpruner.recovery import (
     RecoveryRun,
     ShortRecoveryRun,
     layer_sparsity,
+    layer_statistics,
     lora_parameter_count,
     rank_patterns,
     search_ranks,
@@ -168,6 +170,56 @@ def test_search_finds_the_better_allocation_of_a_known_law():
     assert result.score == min(evaluate(c, 8) for c in calls[: len(result.history)])
     online = [h for h in result.history if h["phase"] == "online"]
     assert online and all(h["predicted_gain"] is not None for h in online)
+
+
+def test_the_search_measures_the_seed_noise_against_the_spread_between_configurations(caplog):
+    space = RankSpace(4, 8)
+    seeds = []
+
+    def evaluate(ranks, mean_rank, seed=0):
+        seeds.append(seed)
+        return 3.0 - 0.01 * (ranks[0] + ranks[1] - ranks[2] - ranks[3]) + 0.002 * seed
+
+    config = RankAdaptorConfig(num_initial=4, max_rounds=1, noise_seeds=3)
+    result = search_ranks(evaluate, space, [0.5] * 4, config, disable_tqdm=True)
+    noise = result.noise
+    assert seeds.count(1) == 1 and seeds.count(2) == 1 and len(result.history) == 5  # noise runs are not history
+    assert noise["seed_scores"] == pytest.approx([3.0, 3.002, 3.004]) and noise["seed_std"] == pytest.approx(0.002)
+    scores = [h["log_ppl"] for h in result.history if h["phase"] == "initial"]
+    assert noise["configs"] == 4 and noise["config_std"] == pytest.approx(float(np.std(scores, ddof=1)))
+    assert noise["signal_to_noise"] == pytest.approx(noise["config_std"] / 0.002)
+
+    def noisy(ranks, mean_rank, seed=0):  # seeds move the score far more than the ranks do
+        return 3.0 + 0.0001 * ranks[0] + 0.5 * seed
+
+    with caplog.at_level("WARNING", logger="hf_dpruner"):
+        assert search_ranks(noisy, space, [0.5] * 4, config, disable_tqdm=True).noise["signal_to_noise"] < 0.01
+    assert "the short runs measure noise" in caplog.text
+    assert search_ranks(lambda r, m: 3.0, space, [0.5] * 4, RankAdaptorConfig(num_initial=2, max_rounds=1),
+                        disable_tqdm=True).noise is None  # 1 seed (the default): not measured
+
+
+def test_the_tolerance_stops_the_search_only_after_min_rounds():
+    space = RankSpace(4, 8)
+
+    def evaluate(ranks, mean_rank):
+        return 3.0  # every prediction of a zero gain is exact at once
+
+    rounds = [sum(h["phase"] == "online" for h in search_ranks(
+        evaluate, space, [0.5] * 4, RankAdaptorConfig(num_initial=4, max_rounds=5, min_rounds=m, tolerance=1.0),
+        disable_tqdm=True).history) for m in (0, 3)]
+    assert rounds == [1, 3]
+    with pytest.raises(ValueError, match="min_rounds must be >= 0"):
+        RankAdaptorConfig(min_rounds=-1)
+
+
+def test_layer_statistics_add_the_recorded_block_errors():
+    model = pruned(num_hidden_layers=3)
+    assert layer_statistics(model) == layer_sparsity(model)  # magnitude pruning records no block errors
+    model.pruning_record["calibration"] = {"block_errors": {"0": 0.1, "1": 0.4, "2": 0.2}}
+    assert layer_statistics(model) == pytest.approx(layer_sparsity(model) + [0.25, 1.0, 0.5])
+    model.pruning_record["calibration"]["block_errors"] = {"0": 0.1}  # not every layer: left out
+    assert layer_statistics(model) == layer_sparsity(model)
 
 
 def test_offline_runs_shorten_the_initial_phase():

@@ -116,6 +116,9 @@ class PruningMethod(ABC):
         increased = getattr(self, "increased_damping", None)
         if increased is not None:  # Hessians that needed more damping than config.damping ({} if none; each logged)
             record["calibration"]["increased_damping"] = dict(increased)
+        errors = getattr(self, "block_errors", None)
+        if errors:  # relative output error left in each reconstructed block (a per-layer sensitivity)
+            record["calibration"]["block_errors"] = {str(i): round(float(e), 6) for i, e in sorted(errors.items())}
         make_pruned(model, masks, config, record)
         return model, PruningResult(masks, sparsity_report(masks), seconds)
 

@@ -10,6 +10,7 @@ from .rankadaptor import (
     RankSearchResult,
     ShortRecoveryRun,
     layer_sparsity,
+    layer_statistics,
     lora_config_for,
     search_ranks,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "ShortRecoveryRun",
     "get_masked_peft_model",
     "layer_sparsity",
+    "layer_statistics",
     "load_masked_adapter",
     "lora_config_for",
     "lora_parameter_count",

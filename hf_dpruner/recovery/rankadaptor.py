@@ -35,15 +35,25 @@ class RankAdaptorConfig:
     num_initial: int = field(default=8, metadata={"help": "Configurations measured before the first fit (uniform "
                                                   "included); a quarter of it when offline runs are given."})
     max_rounds: int = field(default=4, metadata={"help": "Predicted-best configurations measured for real, at most."})
+    min_rounds: int = field(
+        default=2, metadata={"help": "Online rounds before the tolerance may stop the search (at most max_rounds)."}
+    )
+    noise_seeds: int = field(
+        default=1,
+        metadata={"help": "Seeds the uniform configuration is measured with, to compare the seed noise with the "
+                  "spread between configurations (1: not measured; more needs evaluate(..., seed=s))."},
+    )
     num_candidates: int = field(default=2000, metadata={"help": "Random configurations scored per round."})
     tolerance: float = field(default=0.01, metadata={"help": "Stop once a predicted gain over uniform (in "
                                                      "log-perplexity) is within this of the measured one."})
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_initial", "max_rounds", "num_candidates"):
+        for name in ("num_initial", "max_rounds", "num_candidates", "noise_seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.min_rounds < 0:
+            raise ValueError(f"min_rounds must be >= 0, got {self.min_rounds}.")
         if self.tolerance < 0:
             raise ValueError(f"tolerance must be >= 0, got {self.tolerance}.")
 
@@ -58,6 +68,21 @@ class RankSearchResult:
     history: list[dict]
     seconds: float
     performance_model: PerformanceModel
+    noise: dict | None = None  # seed spread of the uniform configuration vs spread between configurations
+
+
+def layer_statistics(model: PreTrainedModel) -> list[float]:
+    """What the performance model knows of each decoder layer: its fraction of pruned weights (the paper's
+    statistic), followed, when the pruning recorded them for every layer (``calibration.block_errors`` of the
+    reconstruction methods), by each block's relative output error divided by the largest (a per-layer
+    sensitivity)."""
+    sparsity = layer_sparsity(model)
+    errors = ((getattr(model, "pruning_record", None) or {}).get("calibration") or {}).get("block_errors") or {}
+    values = [errors.get(str(i)) for i in range(len(sparsity))]
+    if not errors or any(v is None for v in values):
+        return sparsity
+    top = max(values) or 1.0
+    return sparsity + [float(v) / top for v in values]
 
 
 def layer_sparsity(model: PreTrainedModel) -> list[float]:
@@ -86,8 +111,8 @@ class ShortRecoveryRun:
         self.model, self.train_batches, self.eval_batches = model, list(train_batches), list(eval_batches)
         self.lora_config, self.max_steps, self.learning_rate, self.seed = lora_config, max_steps, learning_rate, seed
 
-    def __call__(self, ranks: Sequence[int], mean_rank: int) -> float:
-        torch.manual_seed(self.seed)
+    def __call__(self, ranks: Sequence[int], mean_rank: int, seed: int | None = None) -> float:
+        torch.manual_seed(self.seed if seed is None else seed)
         peft_model = get_masked_peft_model(self.model, lora_config_for(self.model, self.lora_config, ranks, mean_rank))
         try:
             params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -141,8 +166,11 @@ def search_ranks(
 
     Measures the uniform configuration and random ones with `evaluate(ranks, mean_rank) -> log-perplexity`, fits the
     performance model on the gains over uniform (together with the `offline` runs of other models of the family),
-    then repeatedly measures the configuration it predicts best and refits, until a prediction is within
-    `config.tolerance` or `config.max_rounds` is reached. Returns the best configuration actually measured.
+    then repeatedly measures the configuration it predicts best and refits, until (after `config.min_rounds`) a
+    prediction is within `config.tolerance` or `config.max_rounds` is reached. Returns the best configuration
+    actually measured. With ``config.noise_seeds > 1`` the uniform configuration is also measured with seeds
+    ``1 .. noise_seeds - 1`` (`evaluate(..., seed=s)`), and the result's ``noise`` compares that seed spread with
+    the spread between the initial configurations; a warning says when the runs cannot tell configurations apart.
     """
     config = config or RankAdaptorConfig(mean_rank=space.mean_rank, rank_choices=space.choices)
     start = time.perf_counter()
@@ -170,6 +198,18 @@ def search_ranks(
     measure(space.uniform(), "initial")
     for ranks in space.candidates(num_initial - 1, seed=config.seed, exclude=[space.uniform()]):
         measure(ranks, "initial")
+    noise = None
+    if config.noise_seeds > 1:
+        base_seed = getattr(evaluate, "seed", 0)
+        scores = [measured[space.uniform()]] + [evaluate(space.uniform(), space.mean_rank, seed=base_seed + k)
+                                                for k in range(1, config.noise_seeds)]
+        noise = spread_summary(scores, [h["log_ppl"] for h in history if h["phase"] == "initial"])
+        if noise["signal_to_noise"] is not None and noise["signal_to_noise"] < 2.0:
+            logger.warning(
+                f"RankAdaptor: the spread between configurations ({noise['config_std']:.4f} log-ppl) is less than "
+                f"twice the seed noise of one configuration ({noise['seed_std']:.4f}): the short runs measure noise. "
+                "Use more search steps (search_steps) or held-out windows (search_eval_samples)."
+            )
     for round_index in range(config.max_rounds):
         model.fit()
         candidates = space.candidates(config.num_candidates, seed=config.seed + 1 + round_index, exclude=list(measured))
@@ -178,7 +218,7 @@ def search_ranks(
         predictions = model.predict(candidates, layer_stats)
         best = int(predictions.argmin())
         gain = measure(candidates[best], "online", float(predictions[best]))
-        if abs(gain - float(predictions[best])) <= config.tolerance:
+        if round_index + 1 >= config.min_rounds and abs(gain - float(predictions[best])) <= config.tolerance:
             break
     progress.close()
     model.fit()
@@ -186,4 +226,17 @@ def search_ranks(
     logger.info(f"RankAdaptor: {len(measured)} short runs; chosen ranks {chosen} (log-ppl {measured[chosen]:.4f} vs "
                 f"uniform {measured[space.uniform()]:.4f}).")
     return RankSearchResult(chosen, measured[chosen], measured[space.uniform()], history,
-                            time.perf_counter() - start, model)
+                            time.perf_counter() - start, model, noise)
+
+
+def spread_summary(seed_scores: Sequence[float], config_scores: Sequence[float]) -> dict:
+    """Standard deviations of one configuration's score over seeds and of the scores of different configurations,
+    and their ratio (``signal_to_noise``, None for no seed noise; above ~2 the search can rank configurations)."""
+    def std(values: Sequence[float]) -> float:
+        mean = sum(values) / len(values)
+        return math.sqrt(sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1))
+
+    seed_std, config_std = std(seed_scores), std(config_scores)
+    ratio = config_std / seed_std if seed_std > 0 else None
+    return {"seeds": len(seed_scores), "seed_scores": list(seed_scores), "seed_std": seed_std,
+            "configs": len(config_scores), "config_std": config_std, "signal_to_noise": ratio}

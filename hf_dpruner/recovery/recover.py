@@ -23,6 +23,7 @@ from .rankadaptor import (
     RankSearchResult,
     ShortRecoveryRun,
     layer_sparsity,
+    layer_statistics,
     lora_config_for,
     search_ranks,
 )
@@ -49,6 +50,14 @@ class RecoveryArguments:
     search_initial: int = field(default=8, metadata={"help": "Configurations measured before the first model fit."})
     search_rounds: int = field(default=4, metadata={"help": "Predicted-best configurations measured for real."})
     search_eval_samples: int = field(default=8, metadata={"help": "Held-out windows that score each search run."})
+    search_min_rounds: int = field(
+        default=2, metadata={"help": "Online rounds before a close prediction may stop the search."}
+    )
+    search_noise_seeds: int = field(
+        default=3,
+        metadata={"help": "Seeds the uniform ranks are measured with first: the seed noise, reported beside the "
+                  "spread between configurations (1: not measured)."},
+    )
     distill_weight: float = field(
         default=0.0,
         metadata={"help": "Weight a of distillation from the dense teacher: loss = (1 - a) * LM loss + a * T^2 * "
@@ -72,7 +81,7 @@ class RecoveryArguments:
         if self.rank_allocation not in RANK_ALLOCATIONS:
             raise ValueError(f"rank_allocation must be one of {RANK_ALLOCATIONS}, got {self.rank_allocation!r}.")
         for name in ("lora_r", "num_samples", "seq_len", "search_steps", "search_initial", "search_rounds",
-                     "search_eval_samples"):
+                     "search_eval_samples", "search_noise_seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
         if not 0.0 <= self.distill_weight <= 1.0:
@@ -140,9 +149,10 @@ def recover(
         if args.performance_model and (Path(args.performance_model) / "performance_runs.json").is_file():
             offline = PerformanceModel.from_pretrained(args.performance_model)
         search = search_ranks(
-            runner, space, layer_sparsity(model),
+            runner, space, layer_statistics(model),
             RankAdaptorConfig(mean_rank=space.mean_rank, rank_choices=space.choices, num_initial=args.search_initial,
-                              max_rounds=args.search_rounds, seed=training_args.seed),
+                              max_rounds=args.search_rounds, min_rounds=args.search_min_rounds,
+                              noise_seeds=args.search_noise_seeds, seed=training_args.seed),
             offline=offline, meta={"model": str(model.config._name_or_path), "steps": args.search_steps},
             disable_tqdm=training_args.disable_tqdm,
         )
@@ -175,6 +185,9 @@ def recover(
         recovery["search"] = {"runs": len(search.history), "seconds": round(seconds["search"], 1),
                               "short_run_steps": args.search_steps, "uniform_log_ppl": search.uniform_score,
                               "chosen_log_ppl": search.score}
+        if search.noise is not None:
+            recovery["search"]["noise"] = {k: search.noise[k] for k in ("seeds", "seed_std", "configs", "config_std",
+                                                                         "signal_to_noise")}
     return RecoveryResult(merged, tuple(ranks), lora_parameter_count(model, ranks, targets), search, seconds)
 
 
