@@ -44,7 +44,7 @@ def measure(settings: dict, pruned: Path) -> list[dict]:
     from hf_dpruner.evaluation import perplexity
     from hf_dpruner.modeling import load_causal_lm
     from hf_dpruner.recovery import RecoveryArguments, recover
-    from hf_dpruner.resources import DEFAULT_MODEL_NAME, default_model_path
+    from hf_dpruner.resources import DEFAULT_MODEL_NAME, model_location
 
     domain = read_pruning_record(pruned)["calibration"].get("domain_data", "medical")
     tokenizer = AutoTokenizer.from_pretrained(pruned)
@@ -56,7 +56,7 @@ def measure(settings: dict, pruned: Path) -> list[dict]:
 
     record = read_pruning_record(pruned)
     base = record.get("base_model")
-    teacher = load_causal_lm(str(default_model_path()) if base in (None, DEFAULT_MODEL_NAME) else base)
+    teacher = load_causal_lm(model_location(base or DEFAULT_MODEL_NAME))
     rows = [{"method": "dense", "lora_parameters": 0, "layer_ranks": None, "search_seconds": 0.0,
              "train_seconds": 0.0, **evaluate(teacher)},
             {"method": "no recovery", "lora_parameters": 0, "layer_ranks": None, "search_seconds": 0.0,

@@ -94,6 +94,11 @@ def default_model_path(prepare: bool = True) -> Path:
     return prepare_default_model()
 
 
+def model_location(name: str) -> str:
+    """Where to load `name` from: the prepared embedded model's folder for its Hub name, else `name` unchanged."""
+    return str(default_model_path()) if name == DEFAULT_MODEL_NAME else name
+
+
 def prepare_default_model(force: bool = False, wheel: str | os.PathLike | None = None) -> Path:
     """Build the default model folder, or return it untouched when already prepared and ``force`` is False.
 

@@ -18,12 +18,12 @@ from ..lm_eval_bridge import MMLU_TASKS, build_task_manager, run_lm_eval
 from ..model_card import EVAL_RESULTS_NAME, write_model_card
 from ..modeling import load_causal_lm
 from ..pat.config import PAT_CONFIG_NAME, read_pat_record
-from ..resources import DEFAULT_MODEL_NAME, default_model_path
+from ..resources import model_location
 
 
 def _base_model(record: dict, model_dir: Path) -> str | None:
     base = recorded_source(record.get("base_model"), model_dir, "base_model", "--baseline-model")
-    return str(default_model_path()) if base == DEFAULT_MODEL_NAME else base
+    return None if base is None else model_location(base)
 
 
 def _pat_record(model_dir: Path) -> dict:

@@ -14,7 +14,7 @@ from ..corpora import CORPORA
 from ..data import load_texts
 from ..modeling import AutoPrunedModelForCausalLM, is_stale_checkpoint_file, load_causal_lm
 from ..recovery.recover import RecoveryArguments, plot_ranks, recover
-from ..resources import DEFAULT_MODEL_NAME, default_model_path
+from ..resources import model_location
 from ..utils import replacing_folder
 
 ADAPTER_DIR = "adapter"
@@ -79,9 +79,8 @@ def main(argv: list[str]) -> int:
     model = AutoPrunedModelForCausalLM.from_pretrained(pruned_dir)
     teacher = None
     if teacher_name is not None:
-        teacher_path = str(default_model_path()) if teacher_name == DEFAULT_MODEL_NAME else teacher_name
         print(f"teacher: {teacher_name}", file=sys.stderr)
-        teacher = load_causal_lm(teacher_path, dtype=next(model.parameters()).dtype)
+        teacher = load_causal_lm(model_location(teacher_name), dtype=next(model.parameters()).dtype)
         args.teacher = teacher_name
     out = Path(training_args.output_dir)
     # the merged model, the adapter and the plot replace the output folder together, or not at all
