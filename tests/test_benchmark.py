@@ -68,23 +68,33 @@ def test_recovery_report_states_the_goal_from_rows(tmp_path):
     spec = importlib.util.spec_from_file_location("benchmark_recovery", SCRIPT.with_name("recovery.py"))
     recovery = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recovery)
+    def row(method, domain, seed=0, ranks=(8, 8), search=0.0, **extra):
+        return {"method": method, "seed": seed, "domain_ppl": domain, "general_ppl": 110.0, "lora_parameters": 1000,
+                "layer_ranks": list(ranks), "search_seconds": search, "train_seconds": 30.0, "search_runs": 9, **extra}
+
     rows = [
-        {"method": "no recovery", "domain_ppl": 50.0, "general_ppl": 120.0, "lora_parameters": 0, "layer_ranks": None,
-         "search_seconds": 0.0, "train_seconds": 0.0},
-        {"method": "LoRA uniform", "domain_ppl": 40.0, "general_ppl": 110.0, "lora_parameters": 1000,
-         "layer_ranks": [8, 8], "search_seconds": 0.0, "train_seconds": 30.0},
-        {"method": "LoRA rankadaptor", "domain_ppl": 38.0, "general_ppl": 111.0, "lora_parameters": 1000,
-         "layer_ranks": [12, 4], "search_seconds": 300.0, "train_seconds": 31.0},
+        {"method": "no recovery", "seed": None, "domain_ppl": 50.0, "general_ppl": 120.0, "lora_parameters": 0,
+         "layer_ranks": None, "search_seconds": 0.0, "train_seconds": 0.0},
+        row("LoRA uniform", 40.0), row("LoRA rankadaptor", 38.0, ranks=(12, 4), search=300.0),
+        row("LoRA uniform", 42.0, seed=1), row("LoRA rankadaptor", 38.0, seed=1, ranks=(12, 4)),
     ]
     text = recovery.markdown(rows, recovery.SETTINGS, "ckpt")
-    assert "| LoRA rankadaptor | 38.00 | 111.00 | 1,000 | 300 | 31 |" in text
-    assert "5.0% lower — met" in text and "[12, 4]" in text
-    rows[2]["domain_ppl"] = 42.0
+    assert "| LoRA rankadaptor | 0 | 38.00 | 110.00 | 1,000 | 300 | 30 |" in text
+    # means over the seeds: 41.00 +- 1.41 against 38.00 +- 0.00
+    assert "uniform 41.00 ± 1.41, RankAdaptor 38.00 ± 0.00 (2 seeds" in text
+    assert "7.3% lower — met" in text and "[12, 4]" in text
+    assert "RankAdaptor search: 9 short runs, 300 s, against 30 s for the final training." in text
+    rows[2]["domain_ppl"] = rows[4]["domain_ppl"] = 41.0 * 0.99  # 1% lower: under the 2% of the goal
+    assert "1.0% lower — MISSED" in recovery.markdown(rows, recovery.SETTINGS, "ckpt")
+    rows[2]["domain_ppl"] = rows[4]["domain_ppl"] = 43.05
     assert "5.0% higher — MISSED" in recovery.markdown(rows, recovery.SETTINGS, "ckpt")
-    rows.insert(0, {"method": "dense", "domain_ppl": 30.0, "general_ppl": 60.0, "lora_parameters": 0,
+    rows.insert(0, {"method": "dense", "seed": None, "domain_ppl": 30.0, "general_ppl": 60.0, "lora_parameters": 0,
                     "layer_ranks": None, "search_seconds": 0.0, "train_seconds": 0.0})
-    assert ("Best recovery (LoRA uniform): domain perplexity 1.33x the dense model's (goal of the 100-step chain: "
-            "<= 1.3x) — MISSED at 40 steps.") in recovery.markdown(rows, recovery.SETTINGS, "ckpt")
+    rows.append(row("LoRA uniform + distillation 0.5", 36.0))
+    text = recovery.markdown(rows, recovery.SETTINGS, "ckpt")
+    assert ("Best recovery (distillation: LoRA uniform + distillation 0.5, seed 0): domain perplexity 1.20x the dense "
+            "model's (goal of the chain with distillation: <= 1.3x within 100 steps) — met at 40 steps.") in text
+    assert "Best recovery (any: LoRA uniform + distillation 0.5, seed 0): domain perplexity 1.20x" in text
     rows[3]["search_noise"] = {"configs": 8, "config_std": 0.01, "seeds": 3, "seed_std": 0.02, "signal_to_noise": 0.5}
     assert ("spread between 8 configurations 0.0100, spread of one configuration over 3 seeds 0.0200 (ratio 0.50)"
             in recovery.markdown(rows, recovery.SETTINGS, "ckpt"))

@@ -292,3 +292,30 @@ def test_cli_recover_writes_a_sparse_merged_checkpoint_and_the_adapter(tiny_mode
         assert recovery["search"]["runs"] == 4  # 3 initial + 1 online
     else:
         assert set(recovery["layer_ranks"]) == {8} and "search" not in recovery
+
+
+def test_recover_trains_given_layer_ranks_without_a_search(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_dpruner.recovery import RecoveryArguments, recover
+
+    from testing_utils import word_tokenizer
+
+    tokenizer = word_tokenizer()
+    training = TrainingArguments(str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                                 save_strategy="no", disable_tqdm=True)
+    with pytest.raises(ValueError, match="one rank per layer"):
+        recover(pruned(num_hidden_layers=3), tokenizer, [text(5, 400)], [],
+                RecoveryArguments(lora_r=4, num_samples=4, seq_len=16, layer_ranks=[4, 4]), training)
+    with pytest.raises(ValueError, match="layer_ranks must be one rank >= 1"):
+        RecoveryArguments(layer_ranks=[4, 0, 8])
+    args = RecoveryArguments(rank_allocation="rankadaptor", lora_r=4, num_samples=4, seq_len=16, layer_ranks=[2, 4, 6])
+    result = recover(pruned(num_hidden_layers=3), tokenizer, [text(5, 400)], [], args, training,
+                     adapter_dir=tmp_path / "adapter")
+    assert result.search is None and "search" not in result.seconds  # the given ranks replace the search
+    assert result.ranks == (2, 4, 6)
+    recovery = result.model.pruning_record["recovery"]
+    assert recovery["rank_allocation"] == "given" and recovery["layer_ranks"] == [2, 4, 6]
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert {int(name.split(".")[2]): r for name, r in adapter["rank_pattern"].items()} == {0: 2, 1: 4, 2: 6}
+    result.model.check_pruned_weights()

@@ -91,10 +91,11 @@ def main(argv: list[str]) -> int:
         )
         result.model.pruning_record["recovery"]["data"] = data
         result.model.save_pretrained(staging, tokenizer=tokenizer)
-        title = f"LoRA ranks ({args.rank_allocation}, mean {args.lora_r})"
+        allocation = result.model.pruning_record["recovery"]["rank_allocation"]
+        title = f"LoRA ranks ({allocation}, mean {args.lora_r})"
         plot = plot_ranks(result.ranks, staging / RANKS_PLOT, title)
     plot = out / RANKS_PLOT if plot else None
-    summary = {"rank_allocation": args.rank_allocation, "layer_ranks": list(result.ranks),
+    summary = {"rank_allocation": allocation, "layer_ranks": list(result.ranks),
                "lora_parameters": result.lora_parameters,
                "sparsity": round(result.model.pruning_sparsity()["overall"], 6),
                "seconds": {k: round(v, 1) for k, v in result.seconds.items()}}

@@ -39,6 +39,11 @@ class RecoveryArguments:
 
     rank_allocation: str = field(default="uniform", metadata={"help": "'uniform' (one rank) or 'rankadaptor'."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank; with rankadaptor the mean rank (the budget)."})
+    layer_ranks: list[int] | None = field(
+        default=None,
+        metadata={"help": "LoRA rank of each decoder layer, e.g. the `layer_ranks` an earlier RankAdaptor search "
+                  "recorded: trains with these ranks and runs no search (rank_allocation is then ignored)."},
+    )
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scaled with each layer's rank)."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] | None = field(
@@ -84,6 +89,8 @@ class RecoveryArguments:
                      "search_eval_samples", "search_noise_seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.layer_ranks is not None and (not self.layer_ranks or min(self.layer_ranks) < 1):
+            raise ValueError(f"layer_ranks must be one rank >= 1 per decoder layer, got {self.layer_ranks!r}.")
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight!r}.")
         if not self.distill_temperature > 0:
@@ -133,9 +140,13 @@ def recover(
     base_config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                              target_modules=targets, task_type="CAUSAL_LM")
     windows = build_windows(train_texts, tokenizer, args.seq_len, args.num_samples, training_args.seed)
-    space = rank_space_for(len(layer_sparsity(model)), args.lora_r)
+    num_layers = len(layer_sparsity(model))
+    space = rank_space_for(num_layers, args.lora_r)
+    if args.layer_ranks is not None and len(args.layer_ranks) != num_layers:
+        raise ValueError(f"layer_ranks has {len(args.layer_ranks)} ranks but the model has {num_layers} decoder layers "
+                         "with prunable weights: give one rank per layer.")
     search = None
-    if args.rank_allocation == "rankadaptor":
+    if args.rank_allocation == "rankadaptor" and args.layer_ranks is None:
         start = time.perf_counter()
         device = next(model.parameters()).device
         eval_windows = build_windows(eval_texts, tokenizer, args.seq_len, args.search_eval_samples, training_args.seed)
@@ -159,7 +170,10 @@ def recover(
         if args.performance_model:
             search.performance_model.save_pretrained(args.performance_model)
         seconds["search"] = time.perf_counter() - start
-    ranks = search.ranks if search else space.uniform()
+    if args.layer_ranks is not None:
+        ranks = tuple(args.layer_ranks)
+    else:
+        ranks = search.ranks if search else space.uniform()
     config = lora_config_for(model, base_config, ranks, space.mean_rank)
     start = time.perf_counter()
     peft_model: PeftModel = get_masked_peft_model(model, config)
@@ -176,7 +190,8 @@ def recover(
             peft_model.save_pretrained(folder)
     merged = merge_masked_lora(peft_model)
     recovery = merged.pruning_record["recovery"]
-    recovery.update(rank_allocation=args.rank_allocation, layer_ranks=list(ranks), max_steps=training_args.max_steps,
+    allocation = "given" if args.layer_ranks is not None else args.rank_allocation
+    recovery.update(rank_allocation=allocation, layer_ranks=list(ranks), max_steps=training_args.max_steps,
                     num_samples=len(windows), seq_len=args.seq_len)
     if args.distill_weight > 0:
         recovery["distillation"] = {"weight": args.distill_weight, "temperature": args.distill_temperature,
