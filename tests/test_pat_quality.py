@@ -135,6 +135,46 @@ def test_width_prune_measures_the_activation_importance_and_checks_its_input():
         width_prune(build_tiny("gpt2"), 0.25, [], importance=torch.ones(64))
 
 
+def _layer0_output(model, module_path, batches):
+    outputs = []
+    handle = model.model.layers[0].get_submodule(module_path).register_forward_hook(
+        lambda module, args, out: outputs.append(out.detach()))
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    handle.remove()
+    return torch.cat(outputs)
+
+
+@pytest.mark.parametrize("arch, tied", [("llama", True), ("qwen2", False)])
+def test_compensation_refits_the_readers_of_the_residual_stream_by_least_squares(arch, tied):
+    """The readers of the first block see exactly the inputs the maps are fitted on (the sliced embedding), so their
+    outputs on the calibration tokens come closer to the dense ones than with the plain column selection; keeping
+    every channel gives the identity map; a tied head is left as the column selection."""
+    from hf_dpruner.pat.compensation import reader_maps
+
+    model = build_tiny(arch, tie_word_embeddings=tied)
+    batches = make_batches(4, 2, 16)
+    importance = torch.rand(64, generator=torch.Generator().manual_seed(1))
+    plain = width_prune(model, 0.25, batches, importance=importance)
+    refit = width_prune(model, 0.25, batches, importance=importance, compensate=True)
+    for path in ("self_attn.q_proj", "mlp.up_proj"):
+        dense = _layer0_output(model, path, batches)
+        error = {name: (_layer0_output(small, path, batches) - dense).pow(2).sum().item()
+                 for name, small in (("plain", plain), ("refit", refit))}
+        assert error["refit"] < 0.9 * error["plain"], (path, error)
+    keep = torch.argsort(importance, descending=True)[:48].sort().values
+    maps = reader_maps(model, keep, batches)
+    assert ("final" in maps) == (not tied) and len(maps) == 2 * model.config.num_hidden_layers + (not tied)
+    if tied:
+        assert torch.equal(refit.lm_head.weight, refit.model.embed_tokens.weight)
+    everything = reader_maps(model, torch.arange(64), batches, damping=1e-8)
+    for m in everything.values():
+        torch.testing.assert_close(m, torch.eye(64), atol=1e-3, rtol=0)
+    with pytest.raises(ValueError, match="at least one calibration batch"):
+        reader_maps(model, keep, [])
+
+
 @pytest.mark.slow
 def test_on_the_embedded_model_the_activation_choice_beats_a_random_one_before_any_training():
     """25% of the hidden channels closed, no training: by activation importance against a random 25%."""

@@ -33,6 +33,8 @@ logger = logging.get_logger(__name__)
 PRODUCERS = {"attn": "self_attn.o_proj", "mlp": "mlp.down_proj"}
 CONSUMERS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm")
+READ_AFTER = {path: "input_layernorm" if path.startswith("self_attn.") else "post_attention_layernorm"
+              for path in CONSUMERS}  # the norm whose output each consumer reads
 
 
 def _effective(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -71,13 +73,19 @@ def exported_config(model: PreTrainedModel, kept: int):
 
 @torch.no_grad()
 def channel_subset_state_dict(
-    base: PreTrainedModel, keep: torch.Tensor, transforms: Mapping[str, torch.Tensor] | None = None
+    base: PreTrainedModel,
+    keep: torch.Tensor,
+    transforms: Mapping[str, torch.Tensor] | None = None,
+    reader_maps: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The weights of `base` (a Llama-family model, LoRA merged if present) keeping only the hidden channels `keep`
     (sorted indices), keyed like its state dict. ``transforms[site key]`` (``hidden × hidden``) is first folded into
     that residual producer (``"embed"``, ``"{i}_attn"``, ``"{i}_mlp"``); RMSNorm gains are scaled by ``√(d/d′)``
-    (pair with `exported_config`'s ``rms_norm_eps · d/d′``)."""
+    (pair with `exported_config`'s ``rms_norm_eps · d/d′``). ``reader_maps[norm site]`` (``hidden × kept``, from
+    `compensation.reader_maps`) replaces the column selection ``W[:, keep]`` of the weights reading that norm's
+    output by ``W @ map``."""
     transforms = transforms or {}
+    reader_maps = reader_maps or {}
     keep = keep.cpu()
     scale = (base.config.hidden_size / len(keep)) ** 0.5
     state: dict[str, torch.Tensor] = {}
@@ -95,13 +103,15 @@ def channel_subset_state_dict(
             _put(state, f"{prefix}.{path}", weight[keep], None if bias is None else bias[keep])
         for path in CONSUMERS:
             weight, bias = _effective(layer.get_submodule(path))
-            _put(state, f"{prefix}.{path}", weight[:, keep], bias)
+            m = reader_maps.get(f"{i}_{READ_AFTER[path]}")
+            _put(state, f"{prefix}.{path}", weight[:, keep] if m is None else weight @ m, bias)
         for name in NORMS:
             state[f"{prefix}.{name}.weight"] = getattr(layer, name).weight.detach().float().cpu()[keep] * scale
     state["model.norm.weight"] = base.model.norm.weight.detach().float().cpu()[keep] * scale
     if not base.config.tie_word_embeddings:
         head, head_bias = _effective(base.get_output_embeddings())
-        _put(state, "lm_head", head[:, keep], head_bias)
+        m = reader_maps.get("final")
+        _put(state, "lm_head", head[:, keep] if m is None else head @ m, head_bias)
     return state
 
 

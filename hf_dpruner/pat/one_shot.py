@@ -13,6 +13,7 @@ import torch
 from transformers import PreTrainedModel
 
 from .channel_importance import activation_channel_importance
+from .compensation import reader_maps
 from .config import PATConfig
 from .export import channel_subset_state_dict, smaller_model
 from .modules import check_supported
@@ -23,10 +24,17 @@ def width_prune(
     pruning_ratio: float,
     calibration: Sequence[Mapping[str, torch.Tensor]],
     importance: torch.Tensor | None = None,
+    compensate: bool = False,
+    damping: float = 0.01,
 ) -> PreTrainedModel:
     """A new, smaller standard model keeping the ``round((1 - pruning_ratio) · hidden_size)`` hidden channels of
     largest activation importance over the `calibration` batches (``input_ids`` and optionally
     ``attention_mask``), or of the given `importance`. `model` is left unchanged.
+
+    With ``compensate=True`` the weights that read the residual stream (q/k/v, gate/up, and an untied LM head) are
+    refitted by least squares to reproduce their dense outputs on the `calibration` tokens from what the smaller
+    model's norms give them (`compensation.reader_maps`, ridge `damping`); calibrate on the text the model must
+    keep (e.g. domain and general windows). A tied LM head cannot be refitted and keeps the column selection.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -45,4 +53,5 @@ def width_prune(
         raise ValueError(f"importance must have shape ({hidden},), got {tuple(importance.shape)}.")
     order = torch.argsort(importance.float().cpu(), descending=True, stable=True)
     keep = order[:kept].sort().values
-    return smaller_model(model, channel_subset_state_dict(model, keep), kept)
+    maps = reader_maps(model, keep, calibration, damping) if compensate else None
+    return smaller_model(model, channel_subset_state_dict(model, keep, reader_maps=maps), kept)
