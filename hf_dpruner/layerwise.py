@@ -109,22 +109,25 @@ def input_statistics(
         dtype = torch.float64 if gram else torch.float32
         acc[w.name] = [torch.zeros(shape, dtype=dtype, device=w.weight.device), 0]
     batch_index = [-1]
+    # modules reading the same tensor (q/k/v, gate/up) share one statistic per batch: the last input seen and its
+    # statistic are kept (the reference also keeps the tensor alive, so `is` cannot match a new one at its address)
+    last: dict[str, Any] = {"input": None, "value": None, "count": 0}
 
     def next_batch(module: torch.nn.Module, args: tuple) -> None:
         batch_index[0] += 1
+        last.update(input=None, value=None)
 
     def make_hook(name: str):
         def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]).float()
-            keep = token_masks[batch_index[0]]
-            if keep is not None and keep.numel() == x.shape[0]:  # modules seeing every token of the batch
-                x = x[keep.to(x.device)]
-            if gram:
-                acc[name][0].add_(x.t() @ x)
-            else:
-                acc[name][0].add_((x * x).sum(0))
-            acc[name][1] += x.shape[0]
+            if args[0] is not last["input"]:
+                x = args[0].detach()
+                x = x.reshape(-1, x.shape[-1]).float()
+                keep = token_masks[batch_index[0]]
+                if keep is not None and keep.numel() == x.shape[0]:  # modules seeing every token of the batch
+                    x = x[keep.to(x.device)]
+                last.update(input=args[0], value=x.t() @ x if gram else (x * x).sum(0), count=x.shape[0])
+            acc[name][0].add_(last["value"])
+            acc[name][1] += last["count"]
 
         return hook
 
@@ -135,6 +138,7 @@ def input_statistics(
     finally:
         for handle in handles:
             handle.remove()
+        last.clear()
     for w in targets:
         if acc[w.name][1] == 0:
             raise ValueError(f"{w.module_name} received no calibration tokens; is it used in forward()?")
