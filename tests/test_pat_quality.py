@@ -135,9 +135,9 @@ def test_width_prune_measures_the_activation_importance_and_checks_its_input():
         width_prune(build_tiny("gpt2"), 0.25, [], importance=torch.ones(64))
 
 
-def _layer0_output(model, module_path, batches):
+def _layer_output(model, module_path, batches, layer=0):
     outputs = []
-    handle = model.model.layers[0].get_submodule(module_path).register_forward_hook(
+    handle = model.model.layers[layer].get_submodule(module_path).register_forward_hook(
         lambda module, args, out: outputs.append(out.detach()))
     with torch.no_grad():
         for batch in batches:
@@ -159,8 +159,8 @@ def test_compensation_refits_the_readers_of_the_residual_stream_by_least_squares
     plain = width_prune(model, 0.25, batches, importance=importance)
     refit = width_prune(model, 0.25, batches, importance=importance, compensate=True)
     for path in ("self_attn.q_proj", "mlp.up_proj"):
-        dense = _layer0_output(model, path, batches)
-        error = {name: (_layer0_output(small, path, batches) - dense).pow(2).sum().item()
+        dense = _layer_output(model, path, batches)
+        error = {name: (_layer_output(small, path, batches) - dense).pow(2).sum().item()
                  for name, small in (("plain", plain), ("refit", refit))}
         assert error["refit"] < 0.9 * error["plain"], (path, error)
     keep = torch.argsort(importance, descending=True)[:48].sort().values
@@ -173,6 +173,35 @@ def test_compensation_refits_the_readers_of_the_residual_stream_by_least_squares
         torch.testing.assert_close(m, torch.eye(64), atol=1e-3, rtol=0)
     with pytest.raises(ValueError, match="at least one calibration batch"):
         reader_maps(model, keep, [])
+
+
+@pytest.mark.parametrize("arch, tied", [("llama", True), ("qwen2", False)])
+def test_a_refit_on_the_smaller_models_own_residual_stream_lowers_the_last_layers_errors(arch, tied):
+    """The smaller model's norm output equals the kept-channel formula where both read the same residual (the first
+    block), so the first block's maps agree; deeper, the refit also absorbs the earlier layers' errors."""
+    from hf_dpruner.pat.compensation import reader_maps
+    from hf_dpruner.pat.export import channel_subset_state_dict, smaller_model
+
+    model = build_tiny(arch, tie_word_embeddings=tied)
+    batches = make_batches(4, 2, 16)
+    importance = torch.rand(64, generator=torch.Generator().manual_seed(1))
+    keep = torch.argsort(importance, descending=True)[:48].sort().values
+    first = reader_maps(model, keep, batches)
+    small = smaller_model(model, channel_subset_state_dict(model, keep, reader_maps=first), 48)
+    torch.testing.assert_close(reader_maps(model, keep, batches, small=small)["0_input_layernorm"],
+                               first["0_input_layernorm"], atol=1e-5, rtol=1e-4)
+    last = model.config.num_hidden_layers - 1
+
+    def error(candidate, path):
+        return (_layer_output(candidate, path, batches, last) - _layer_output(model, path, batches, last)
+                ).pow(2).sum().item()
+
+    once = width_prune(model, 0.25, batches, importance=importance, compensate=True)
+    twice = width_prune(model, 0.25, batches, importance=importance, compensate=True, compensation_rounds=2)
+    for path in ("self_attn.q_proj", "mlp.up_proj"):
+        assert error(twice, path) < error(once, path)
+    with pytest.raises(ValueError, match="compensation_rounds must be an integer >= 1"):
+        width_prune(model, 0.25, batches, importance=importance, compensate=True, compensation_rounds=0)
 
 
 @pytest.mark.slow

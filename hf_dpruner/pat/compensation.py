@@ -8,8 +8,10 @@ is replaced by the ``W′`` that best reproduces its dense outputs on the calibr
 
     W′ = argmin Σ ‖W y − W′ y′‖² = W · Σ y y′ᵀ · (Σ y′ y′ᵀ + λ I)⁻¹,
 
-with ``λ = damping · mean diag(Σ y′ y′ᵀ)``. The statistics come from one forward pass of the dense model (the
-residual inputs of the dense trajectory). Without compensation the map is the plain column selection ``W[:, keep]``.
+with ``λ = damping · mean diag(Σ y′ y′ᵀ)``. A first fit takes ``y′`` from the dense model's residual stream (one
+forward pass); a refit takes it from the compensated smaller model's own residual stream, so the readers also
+absorb the errors of the layers before them. Without compensation the map is the plain column selection
+``W[:, keep]``.
 """
 
 from __future__ import annotations
@@ -34,13 +36,30 @@ def _sites(base: PreTrainedModel) -> dict[str, torch.nn.Module]:
     return sites
 
 
+def _kept_norm_output(module: torch.nn.Module, x: torch.Tensor, keep: torch.Tensor, hidden: int) -> torch.Tensor:
+    """The smaller model's RMSNorm output on the kept channels of the residual `x` (tokens × hidden): the dense
+    norm's formula with the removed channels at 0 (what `channel_subset_state_dict`'s rescaled norm computes)."""
+    x_kept = x[:, keep]
+    eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
+    scale = torch.rsqrt(x_kept.pow(2).sum(-1, keepdim=True) / hidden + eps)
+    return x_kept * scale * module.weight.detach().float().cpu()[keep]
+
+
 @torch.no_grad()
 def reader_maps(
-    base: PreTrainedModel, keep: torch.Tensor, batches: Batches, damping: float = 0.01
+    base: PreTrainedModel,
+    keep: torch.Tensor,
+    batches: Batches,
+    damping: float = 0.01,
+    small: PreTrainedModel | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per norm site, the ``hidden × kept`` float32 map ``M`` such that a reader's weight ``W`` becomes ``W @ M`` in
     the smaller model keeping channels `keep` (sorted indices); fitted on the calibration `batches` of a
-    Llama-family `base` (``input_ids``, optionally ``attention_mask``). See the module docstring."""
+    Llama-family `base` (``input_ids``, optionally ``attention_mask``). See the module docstring.
+
+    With `small` (a smaller model built from `base` and `keep`, e.g. by a first fit), ``y′`` is that model's own norm
+    output on its own residual stream, so the fit also corrects the errors of the layers before (the dense outputs
+    ``y`` stay the targets)."""
     if not batches:
         raise ValueError("Compensation needs at least one calibration batch.")
     if damping <= 0:
@@ -48,38 +67,53 @@ def reader_maps(
     keep = keep.cpu()
     hidden = base.config.hidden_size
     sites = _sites(base)
+    small_sites = _sites(small) if small is not None else {}
     cross = {name: torch.zeros(hidden, len(keep), dtype=torch.float64) for name in sites}  # Σ y y′ᵀ
     gram = {name: torch.zeros(len(keep), len(keep), dtype=torch.float64) for name in sites}  # Σ y′ y′ᵀ
-    current: dict[str, torch.Tensor | None] = {"mask": None}
+    dense_out: dict[str, torch.Tensor] = {}
+    small_out: dict[str, torch.Tensor] = {}
+    tokens: dict[str, torch.Tensor | None] = {"mask": None}
 
-    def hook(name: str):
+    def flat(t: torch.Tensor, width: int) -> torch.Tensor:
+        t = t.detach().float().reshape(-1, width).cpu()
+        return t if tokens["mask"] is None else t[tokens["mask"]]
+
+    def dense_hook(name: str):
         def record(module, args, output):
-            x = args[0].detach().float().reshape(-1, hidden).cpu()
-            y = output.detach().float().reshape(-1, hidden).cpu()
-            if current["mask"] is not None:
-                tokens = current["mask"].reshape(-1).bool().cpu()
-                x, y = x[tokens], y[tokens]
-            # the smaller model's norm on the kept channels: the same mean over d with the removed channels at 0
-            x_kept = x[:, keep]
-            eps = getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6))
-            scale = torch.rsqrt(x_kept.pow(2).sum(-1, keepdim=True) / hidden + eps)
-            y_small = (x_kept * scale * module.weight.detach().float().cpu()[keep]).double()
-            cross[name].add_(y.double().t() @ y_small)
-            gram[name].add_(y_small.t() @ y_small)
+            y = flat(output, hidden)
+            dense_out[name] = y
+            if small is None:
+                small_out[name] = _kept_norm_output(module, flat(args[0], hidden), keep, hidden)
 
         return record
 
-    handles = [module.register_forward_hook(hook(name)) for name, module in sites.items()]
-    was_training = base.training
-    base.eval()
+    def small_hook(name: str):
+        def record(module, args, output):
+            small_out[name] = flat(output, len(keep))
+
+        return record
+
+    handles = [module.register_forward_hook(dense_hook(name)) for name, module in sites.items()]
+    handles += [module.register_forward_hook(small_hook(name)) for name, module in small_sites.items()]
+    models = [base] + ([small] if small is not None else [])
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
     try:
         for batch in batches:
-            current["mask"] = batch.get("attention_mask")
-            base(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+            mask = batch.get("attention_mask")
+            tokens["mask"] = None if mask is None else mask.reshape(-1).bool().cpu()
+            for m in models:
+                m(input_ids=batch["input_ids"], attention_mask=mask)
+            for name in sites:
+                y, y_small = dense_out.pop(name).double(), small_out.pop(name).double()
+                cross[name].add_(y.t() @ y_small)
+                gram[name].add_(y_small.t() @ y_small)
     finally:
         for handle in handles:
             handle.remove()
-        base.train(was_training)
+        for m, mode in zip(models, modes, strict=True):
+            m.train(mode)
     maps = {}
     for name in sites:
         g = gram[name]

@@ -26,6 +26,7 @@ def width_prune(
     importance: torch.Tensor | None = None,
     compensate: bool = False,
     damping: float = 0.01,
+    compensation_rounds: int = 1,
 ) -> PreTrainedModel:
     """A new, smaller standard model keeping the ``round((1 - pruning_ratio) · hidden_size)`` hidden channels of
     largest activation importance over the `calibration` batches (``input_ids`` and optionally
@@ -35,6 +36,8 @@ def width_prune(
     refitted by least squares to reproduce their dense outputs on the `calibration` tokens from what the smaller
     model's norms give them (`compensation.reader_maps`, ridge `damping`); calibrate on the text the model must
     keep (e.g. domain and general windows). A tied LM head cannot be refitted and keeps the column selection.
+    ``compensation_rounds > 1`` refits on the smaller model's own residual stream, one more forward pass of both
+    models per round.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -53,5 +56,12 @@ def width_prune(
         raise ValueError(f"importance must have shape ({hidden},), got {tuple(importance.shape)}.")
     order = torch.argsort(importance.float().cpu(), descending=True, stable=True)
     keep = order[:kept].sort().values
-    maps = reader_maps(model, keep, calibration, damping) if compensate else None
-    return smaller_model(model, channel_subset_state_dict(model, keep, reader_maps=maps), kept)
+    if not isinstance(compensation_rounds, int) or compensation_rounds < 1:
+        raise ValueError(f"compensation_rounds must be an integer >= 1, got {compensation_rounds!r}.")
+    if not compensate:
+        return smaller_model(model, channel_subset_state_dict(model, keep), kept)
+    small = None  # the first fit reads the dense residual stream, each refit the last smaller model's own
+    for _ in range(compensation_rounds):
+        maps = reader_maps(model, keep, calibration, damping, small=small)
+        small = smaller_model(model, channel_subset_state_dict(model, keep, reader_maps=maps), kept)
+    return small
