@@ -14,6 +14,7 @@ ENTRY_POINTS = {  # module -> the public objects whose docstrings must hold a ru
     "hf_dpruner.recovery.lora": ["get_masked_peft_model"],
     "hf_dpruner.pat.trainer": ["PATTrainer"],
     "hf_dpruner.pat.one_shot": ["width_prune"],
+    "hf_dpruner.pat.neuron_pruning": ["prune_mlp_neurons"],
     "hf_dpruner.recovery.distillation_trainer": ["DistillationTrainer"],
 }
 

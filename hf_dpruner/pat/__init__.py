@@ -6,6 +6,7 @@ from .export import export_pat_model
 from .hsm import HybridSparsificationModule
 from .mask import SharedChannelMask
 from .modules import SUPPORTED_MODEL_TYPES, PATModules, get_pat_model, get_pat_modules
+from .neuron_pruning import neurons_for_parameters, prune_mlp_neurons
 from .one_shot import width_prune
 from .trainer import PATTrainer
 
@@ -20,5 +21,7 @@ __all__ = [
     "export_pat_model",
     "get_pat_model",
     "get_pat_modules",
+    "neurons_for_parameters",
+    "prune_mlp_neurons",
     "width_prune",
 ]

@@ -1,0 +1,119 @@
+"""One-shot pruning of MLP neurons: a smaller ``intermediate_size``, the other structured peer of PAT.
+
+Where width pruning (`width_prune`) removes hidden channels of the residual stream, this removes neurons of every
+MLP (LLM-Pruner / Minitron's "neuron" axis): rows of ``gate_proj``/``up_proj`` and columns of ``down_proj``, the
+same number in every layer, so the result is a standard checkpoint with a smaller ``intermediate_size``.
+
+Neuron ``j`` of a layer is scored by the energy it sends to the residual stream, ``E[h_j²] · ‖W_down[:, j]‖²``
+(``h = act(gate(x)) · up(x)``, mean over the calibration tokens). With ``compensate=True`` each ``down_proj`` is
+refitted by least squares to reproduce its dense output from the kept neurons,
+``W′ = W · Σ h h_Sᵀ · (Σ h_S h_Sᵀ + λI)⁻¹``, on the same tokens (the dense trajectory, one forward pass).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from .modules import check_supported
+
+Batches = Sequence[Mapping[str, torch.Tensor]]
+
+
+def neurons_for_parameters(model: PreTrainedModel, parameters: int) -> int:
+    """How many neurons per MLP to remove so that about `parameters` parameters go (each neuron holds one row of
+    ``gate_proj`` and ``up_proj`` and one column of ``down_proj`` in every layer)."""
+    per_neuron = 3 * model.config.hidden_size * len(model.model.layers)
+    return min(model.config.intermediate_size - 1, max(0, round(parameters / per_neuron)))
+
+
+@torch.no_grad()
+def _mlp_statistics(model: PreTrainedModel, batches: Batches, gram: bool) -> list[torch.Tensor]:
+    """Per layer, ``Σ h²`` per neuron (``gram=False``) or ``Σ h hᵀ`` (``gram=True``, float64) over the calibration
+    tokens of the input of ``down_proj``."""
+    layers = model.model.layers
+    size = model.config.intermediate_size
+    stats = [torch.zeros((size, size) if gram else (size,), dtype=torch.float64) for _ in layers]
+    tokens: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def hook(index: int):
+        def record(module, args):
+            h = args[0].detach().double().reshape(-1, size).cpu()
+            if tokens["mask"] is not None:
+                h = h[tokens["mask"]]
+            stats[index].add_(h.t() @ h if gram else h.pow(2).sum(0))
+
+        return record
+
+    handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            tokens["mask"] = None if mask is None else mask.reshape(-1).bool().cpu()
+            model(input_ids=batch["input_ids"], attention_mask=mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return stats
+
+
+def prune_mlp_neurons(
+    model: PreTrainedModel,
+    num_removed: int,
+    calibration: Batches,
+    compensate: bool = False,
+    damping: float = 0.01,
+) -> PreTrainedModel:
+    """A new, smaller standard model without the `num_removed` MLP neurons of least output energy in each layer
+    (scored on the `calibration` batches: ``input_ids``, optionally ``attention_mask``); `model` is unchanged.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        ...                                      num_attention_heads=2, vocab_size=64))
+        >>> small = prune_mlp_neurons(model, 16, [{"input_ids": torch.randint(0, 64, (2, 16))}], compensate=True)
+        >>> small.config.intermediate_size
+        48
+    """
+    check_supported(model)
+    size = model.config.intermediate_size
+    if not isinstance(num_removed, int) or not 0 < num_removed < size:
+        raise ValueError(f"num_removed must be an integer in (0, {size}) (the intermediate size), got {num_removed!r}.")
+    if not calibration:
+        raise ValueError("prune_mlp_neurons needs at least one calibration batch to score the neurons.")
+    if damping <= 0:
+        raise ValueError(f"damping must be > 0, got {damping!r}.")
+    stats = _mlp_statistics(model, calibration, gram=compensate)
+    kept = size - num_removed
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for i, layer in enumerate(model.model.layers):
+        down = layer.mlp.down_proj.weight.detach().double().cpu()
+        energy = torch.diagonal(stats[i]) if compensate else stats[i]
+        score = energy * down.pow(2).sum(0)
+        keep = torch.argsort(score, descending=True, stable=True)[:kept].sort().values
+        prefix = f"model.layers.{i}.mlp"
+        for name in ("gate_proj", "up_proj"):
+            for kind in ("weight", "bias"):
+                if f"{prefix}.{name}.{kind}" in state:
+                    state[f"{prefix}.{name}.{kind}"] = state[f"{prefix}.{name}.{kind}"][keep].contiguous()
+        if compensate:
+            g = stats[i][keep][:, keep]
+            g = g + damping * torch.diagonal(g).mean().clamp_min(1e-12) * torch.eye(kept, dtype=g.dtype)
+            refit = torch.linalg.solve(g, stats[i][keep] @ down.t()).t()  # W Σ h h_Sᵀ (Σ h_S h_Sᵀ + λI)⁻¹
+            state[f"{prefix}.down_proj.weight"] = refit.to(layer.mlp.down_proj.weight.dtype).contiguous()
+        else:
+            state[f"{prefix}.down_proj.weight"] = state[f"{prefix}.down_proj.weight"][:, keep].contiguous()
+    config = copy.deepcopy(model.config)
+    config.intermediate_size = kept
+    small = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    small.load_state_dict(state)
+    if config.tie_word_embeddings:
+        small.tie_weights()
+    small.generation_config = copy.deepcopy(model.generation_config)
+    return small.eval()
