@@ -153,10 +153,14 @@ def test_quick_pat_benchmark_writes_results(tmp_path):
     results = json.loads((tmp_path / "pat-quick.json").read_text())
     assert results["metadata"]["cli_args"]["quick"] is True and results["metadata"]["torch_threads"] >= 1
     runs = {r["method"]: r for r in results["runs"]}
-    small = ["PAT 25%", "PAT 25% (paper: mask from zeros)", "PAT 25% + KD 0.5", "one-shot 25% + LoRA"]
+    small = ["PAT 25%", "PAT 25% (paper: mask from zeros)", "PAT 25% + KD 0.5", "one-shot 25% + LoRA",
+             "one-shot 25% + compensation + LoRA"]
+    mlp = runs.pop("one-shot MLP neurons (same parameters) + compensation + LoRA")
     assert set(runs) == {"dense", "dense + LoRA", "dense + LoRA (lr 0.0002)", *small}
     assert runs["dense"]["hidden_size"] == 576 and all(runs[name]["hidden_size"] == 432 for name in small)
     assert all(runs[name]["parameters"] < runs["dense"]["parameters"] for name in small)
+    # the MLP peer keeps the hidden size and removes as many parameters (to a neuron's worth) as width pruning
+    assert mlp["hidden_size"] == 576 and abs(mlp["parameters"] - runs["PAT 25%"]["parameters"]) <= 3 * 576 * 30 / 2
     assert runs["PAT 25%"]["checkpoint_bytes"] < runs["dense"]["checkpoint_bytes"]
     assert all(r["tokens_per_s_prefill"] > 0 and r["domain_ppl"] > 1 for r in runs.values())
     curves = results["curves"]
