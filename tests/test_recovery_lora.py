@@ -313,3 +313,22 @@ def test_wrong_inputs_are_refused():
         merge_masked_lora(peft_model.get_base_model())
     with pytest.raises(ValueError, match="adapter_names=\\['default', 'default'\\]"):
         peft_model.eval()(input_ids=make_windows(2, 8), adapter_names=["default", "default"])
+
+
+def test_recover_is_reproducible_by_its_seed_whatever_ran_before(tmp_path):
+    """The LoRA adapters are created before the Trainer seeds, so `recover` seeds first: the same seed gives the same
+    merged weights even when other code drew random numbers in between."""
+    from hf_dpruner.recovery import RecoveryArguments, recover
+
+    from testing_utils import text, word_tokenizer
+
+    def run(draws: int):
+        model = pruned_model("llama")  # (builds with a fixed seed)
+        torch.rand(draws)  # other work in the same process, after it
+        training = TrainingArguments(str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                                     save_strategy="no", disable_tqdm=True, seed=3, learning_rate=1e-2)
+        args = RecoveryArguments(lora_r=2, num_samples=4, seq_len=16)
+        return recover(model, word_tokenizer(), [text(5, 400)], [], args, training).model.state_dict()
+
+    first, second = run(1), run(1000)
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
 from ..data import CausalLMCollator, build_windows, collate_batches
@@ -176,6 +176,7 @@ def recover(
         ranks = search.ranks if search else space.uniform()
     config = lora_config_for(model, base_config, ranks, space.mean_rank)
     start = time.perf_counter()
+    set_seed(training_args.seed)  # the adapters' initialisation follows the seed, whatever ran before (the search)
     peft_model: PeftModel = get_masked_peft_model(model, config)
     trainer_kwargs = dict(model=peft_model, args=training_args, train_dataset=windows,
                           data_collator=CausalLMCollator(tokenizer.pad_token_id))
