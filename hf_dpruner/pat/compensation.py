@@ -106,7 +106,7 @@ def reader_maps(
             for m in models:
                 m(input_ids=batch["input_ids"], attention_mask=mask)
             for name in sites:
-                y, y_small = dense_out.pop(name).double(), small_out.pop(name).double()
+                y, y_small = dense_out.pop(name), small_out.pop(name)  # per batch in float32, summed in float64
                 cross[name].add_(y.t() @ y_small)
                 gram[name].add_(y_small.t() @ y_small)
     finally:

@@ -42,10 +42,10 @@ def _mlp_statistics(model: PreTrainedModel, batches: Batches, gram: bool) -> lis
 
     def hook(index: int):
         def record(module, args):
-            h = args[0].detach().double().reshape(-1, size).cpu()
+            h = args[0].detach().float().reshape(-1, size).cpu()
             if tokens["mask"] is not None:
                 h = h[tokens["mask"]]
-            stats[index].add_(h.t() @ h if gram else h.pow(2).sum(0))
+            stats[index].add_(h.t() @ h if gram else h.pow(2).sum(0))  # per batch in float32, summed in float64
 
         return record
 

@@ -48,6 +48,8 @@ def width_prune(
         24
     """
     check_supported(model)
+    if not isinstance(compensation_rounds, int) or compensation_rounds < 1:
+        raise ValueError(f"compensation_rounds must be an integer >= 1, got {compensation_rounds!r}.")
     hidden = model.config.hidden_size
     kept = PATConfig(pruning_ratio=pruning_ratio, lora_r=0).kept_channels(hidden)
     if importance is None:
@@ -56,8 +58,6 @@ def width_prune(
         raise ValueError(f"importance must have shape ({hidden},), got {tuple(importance.shape)}.")
     order = torch.argsort(importance.float().cpu(), descending=True, stable=True)
     keep = order[:kept].sort().values
-    if not isinstance(compensation_rounds, int) or compensation_rounds < 1:
-        raise ValueError(f"compensation_rounds must be an integer >= 1, got {compensation_rounds!r}.")
     if not compensate:
         return smaller_model(model, channel_subset_state_dict(model, keep), kept)
     small = None  # the first fit reads the dense residual stream, each refit the last smaller model's own
