@@ -95,8 +95,9 @@ def _tune_pat(path: str, tokenizer, windows, settings: dict, **config) -> tuple:
 def _tune_lora(model, windows, settings: dict, collator):
     """`model` with LoRA of the benchmark's rank trained on `windows`, merged."""
     from peft import LoraConfig, get_peft_model
-    from transformers import Trainer
+    from transformers import Trainer, set_seed
 
+    set_seed(0)  # the adapters' initialisation follows the seed of the run, whatever ran before
     lora = LoraConfig(r=settings["lora_r"], lora_alpha=2 * settings["lora_r"], target_modules="all-linear",
                       task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)

@@ -257,6 +257,21 @@ def test_resume_from_a_checkpoint_restores_the_pat_modules(tmp_path):
         torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-5)
 
 
+def test_the_seed_decides_the_adapters_whatever_ran_before(tmp_path):
+    """The LoRA adapters and HSMs are created before `Trainer.__init__` seeds, so `PATTrainer` seeds first."""
+    def build(draws: int, seed: int):
+        model = build_tiny("llama")
+        torch.rand(draws)  # other work in the same process
+        args = TrainingArguments(str(tmp_path / "run"), max_steps=1, report_to=[], save_strategy="no", seed=seed)
+        dataset = Dataset.from_dict({"input_ids": make_windows(8, 16).tolist()})
+        trainer = PATTrainer(model=model, args=args, pat_config=PATConfig(lora_r=2), train_dataset=dataset)
+        return {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_A" in k}
+
+    first, second, other = build(1, 3), build(1000, 3), build(1, 4)
+    assert first and all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+
+
 @pytest.mark.parametrize("subcommand", sorted(SUBCOMMANDS))
 def test_every_subcommand_prints_its_help(subcommand, capsys):
     try:

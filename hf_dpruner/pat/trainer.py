@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
 from ..distillation import distillation_loss, mix_distillation
@@ -82,6 +82,9 @@ class PATTrainer(Trainer):
             raise ValueError("The model was prepared with a different PATConfig; pass that one or none.")
         self.pat_config = existing.config if existing is not None else (pat_config or PATConfig())
         if existing is None:
+            # seeded as the Trainer seeds, but before the adapters and HSMs are created: the same seed gives the
+            # same initialisation whatever ran before in the process
+            set_seed(args.seed if args is not None else TrainingArguments.seed)
             model = get_pat_model(model, self.pat_config)
         self.pat = get_pat_modules(model)
         super().__init__(model, args, data_collator, train_dataset, eval_dataset, processing_class, *trainer_args,
