@@ -204,6 +204,27 @@ def test_a_refit_on_the_smaller_models_own_residual_stream_lowers_the_last_layer
         width_prune(model, 0.25, batches, importance=importance, compensate=True, compensation_rounds=0)
 
 
+def test_the_calibration_pass_drops_padding_and_restores_the_model_even_on_an_error():
+    from hf_dpruner.pat.calibration import CalibrationBatch, calibration_pass
+
+    model = build_tiny("llama").train()
+    current, seen = CalibrationBatch(), []
+    handle = model.model.norm.register_forward_hook(lambda m, a, out: seen.append(current.tokens(out, out.shape[-1])))
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    batches = [{"input_ids": torch.ones(2, 4, dtype=torch.long), "attention_mask": mask}]
+    assert calibration_pass([model], batches * 2, current, [handle]) == 4
+    assert [t.shape[0] for t in seen] == [4, 4] and seen[0].dtype == torch.float32
+    assert model.training and not model.model.norm._forward_hooks and current.attention_mask is None
+
+    def fail(module, args, output):
+        raise RuntimeError("boom")
+
+    handle = model.model.norm.register_forward_hook(fail)
+    with pytest.raises(RuntimeError, match="boom"):
+        calibration_pass([model], batches, current, [handle])
+    assert model.training and not model.model.norm._forward_hooks
+
+
 @pytest.mark.slow
 def test_on_the_embedded_model_the_activation_choice_beats_a_random_one_before_any_training():
     """25% of the hidden channels closed, no training: by activation importance against a random 25%."""

@@ -12,14 +12,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import torch
 from torch import nn
 
+from .calibration import Batches, CalibrationBatch, calibration_pass
 from .modules import PATModules
-
-Batches = Sequence[Mapping[str, torch.Tensor]]
 
 
 def _residual_norms(base: nn.Module) -> list[nn.Module]:
@@ -27,20 +24,18 @@ def _residual_norms(base: nn.Module) -> list[nn.Module]:
     return [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)] + [base.model.norm]
 
 
-@torch.no_grad()
 def activation_channel_importance(base: nn.Module, batches: Batches) -> torch.Tensor:
     """Float32 ``[hidden_size]`` activation importance of the hidden channels of a Llama-family `base` model (with
     or without PAT modules attached: call it while the gate is all open) over the calibration `batches`."""
     norms = _residual_norms(base)
     squares = [None] * len(norms)
-    windows = 0
+    current = CalibrationBatch()
 
     def hook(index: int):
         def record(module, args, output):
             out = output.detach().float().abs()  # [batch, tokens, hidden]
-            mask = current.get("attention_mask")
-            if mask is not None:
-                weights = mask.to(out.dtype).unsqueeze(-1)
+            if current.attention_mask is not None:
+                weights = current.attention_mask.to(out.device, out.dtype).unsqueeze(-1)
                 per_window = (out * weights).sum(1) / weights.sum(1).clamp_min(1.0)
             else:
                 per_window = out.mean(1)
@@ -49,19 +44,8 @@ def activation_channel_importance(base: nn.Module, batches: Batches) -> torch.Te
 
         return record
 
-    current: dict[str, torch.Tensor] = {}
     handles = [norm.register_forward_hook(hook(i)) for i, norm in enumerate(norms)]
-    was_training = base.training
-    base.eval()
-    try:
-        for batch in batches:
-            current = {k: v for k, v in batch.items() if k == "attention_mask"}
-            base(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-            windows += len(batch["input_ids"])
-    finally:
-        for handle in handles:
-            handle.remove()
-        base.train(was_training)
+    windows = calibration_pass([base], batches, current, handles)
     if not windows:
         raise ValueError("activation_channel_importance needs at least one calibration batch.")
     importance = torch.zeros_like(squares[0])

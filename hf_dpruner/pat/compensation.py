@@ -16,12 +16,10 @@ absorb the errors of the layers before them. Without compensation the map is the
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
 import torch
 from transformers import PreTrainedModel
 
-Batches = Sequence[Mapping[str, torch.Tensor]]
+from .calibration import Batches, CalibrationBatch, calibration_pass
 
 
 def _sites(base: PreTrainedModel) -> dict[str, torch.nn.Module]:
@@ -72,48 +70,31 @@ def reader_maps(
     gram = {name: torch.zeros(len(keep), len(keep), dtype=torch.float64) for name in sites}  # Σ y′ y′ᵀ
     dense_out: dict[str, torch.Tensor] = {}
     small_out: dict[str, torch.Tensor] = {}
-    tokens: dict[str, torch.Tensor | None] = {"mask": None}
-
-    def flat(t: torch.Tensor, width: int) -> torch.Tensor:
-        t = t.detach().float().reshape(-1, width).cpu()
-        return t if tokens["mask"] is None else t[tokens["mask"]]
+    current = CalibrationBatch()
 
     def dense_hook(name: str):
         def record(module, args, output):
-            y = flat(output, hidden)
-            dense_out[name] = y
+            dense_out[name] = current.tokens(output, hidden)
             if small is None:
-                small_out[name] = _kept_norm_output(module, flat(args[0], hidden), keep, hidden)
+                small_out[name] = _kept_norm_output(module, current.tokens(args[0], hidden), keep, hidden)
 
         return record
 
     def small_hook(name: str):
         def record(module, args, output):
-            small_out[name] = flat(output, len(keep))
+            small_out[name] = current.tokens(output, len(keep))
 
         return record
 
+    def accumulate() -> None:
+        for name in sites:
+            y, y_small = dense_out.pop(name), small_out.pop(name)  # per batch in float32, summed in float64
+            cross[name].add_(y.t() @ y_small)
+            gram[name].add_(y_small.t() @ y_small)
+
     handles = [module.register_forward_hook(dense_hook(name)) for name, module in sites.items()]
     handles += [module.register_forward_hook(small_hook(name)) for name, module in small_sites.items()]
-    models = [base] + ([small] if small is not None else [])
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
-    try:
-        for batch in batches:
-            mask = batch.get("attention_mask")
-            tokens["mask"] = None if mask is None else mask.reshape(-1).bool().cpu()
-            for m in models:
-                m(input_ids=batch["input_ids"], attention_mask=mask)
-            for name in sites:
-                y, y_small = dense_out.pop(name), small_out.pop(name)  # per batch in float32, summed in float64
-                cross[name].add_(y.t() @ y_small)
-                gram[name].add_(y_small.t() @ y_small)
-    finally:
-        for handle in handles:
-            handle.remove()
-        for m, mode in zip(models, modes, strict=True):
-            m.train(mode)
+    calibration_pass([base] + ([small] if small is not None else []), batches, current, handles, accumulate)
     maps = {}
     for name in sites:
         g = gram[name]

@@ -14,14 +14,12 @@ holds one ``intermediate_size²`` float64 matrix per layer on the CPU (0.57 GB f
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from .calibration import Batches, CalibrationBatch, calibration_pass
 from .modules import check_supported
-
-Batches = Sequence[Mapping[str, torch.Tensor]]
 
 
 def neurons_for_parameters(model: PreTrainedModel, parameters: int) -> int:
@@ -38,29 +36,17 @@ def _mlp_statistics(model: PreTrainedModel, batches: Batches, gram: bool) -> lis
     layers = model.model.layers
     size = model.config.intermediate_size
     stats = [torch.zeros((size, size) if gram else (size,), dtype=torch.float64) for _ in layers]
-    tokens: dict[str, torch.Tensor | None] = {"mask": None}
+    current = CalibrationBatch()
 
     def hook(index: int):
         def record(module, args):
-            h = args[0].detach().float().reshape(-1, size).cpu()
-            if tokens["mask"] is not None:
-                h = h[tokens["mask"]]
+            h = current.tokens(args[0], size)
             stats[index].add_(h.t() @ h if gram else h.pow(2).sum(0))  # per batch in float32, summed in float64
 
         return record
 
     handles = [layer.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            mask = batch.get("attention_mask")
-            tokens["mask"] = None if mask is None else mask.reshape(-1).bool().cpu()
-            model(input_ids=batch["input_ids"], attention_mask=mask)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    calibration_pass([model], batches, current, handles)
     return stats
 
 
