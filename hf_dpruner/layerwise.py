@@ -101,7 +101,7 @@ def input_statistics(
 
     Each batch's ``XᵀX`` is computed in fp32 and summed in fp64, so the total does not depend (beyond fp64
     rounding) on how the batches are split between processes and summed back (`distributed.all_reduce_sum_`)."""
-    token_masks = [_token_mask(batch) for batch in batches]
+    token_masks = [token_mask(batch) for batch in batches]
     acc: dict[str, list] = {}
     for w in targets:
         size = w.weight.shape[w.input_dim]
@@ -145,7 +145,7 @@ def input_statistics(
     return {name: (value, count) for name, (value, count) in acc.items()}
 
 
-def _token_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
+def token_mask(batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
     """Flat boolean mask of the non-padding tokens of a batch, or None when it has no padding."""
     attention = batch.get("attention_mask")
     if attention is None or bool(attention.all()):

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..layerwise import token_mask
+
 Batches = Sequence[Mapping[str, torch.Tensor]]
 
 
@@ -20,13 +22,18 @@ class CalibrationBatch:
 
     def __init__(self) -> None:
         self.attention_mask: torch.Tensor | None = None
+        self._keep: torch.Tensor | None = None  # flat CPU mask of the real tokens, None without padding
+
+    def set(self, batch: Mapping[str, torch.Tensor] | None) -> None:
+        """Make `batch` the current one (None: no batch)."""
+        self.attention_mask = None if batch is None else batch.get("attention_mask")
+        keep = None if batch is None else token_mask(batch)
+        self._keep = None if keep is None else keep.cpu()
 
     def tokens(self, tensor: torch.Tensor, width: int) -> torch.Tensor:
         """`tensor` (``[batch, tokens, width]``) as float32 CPU rows of its real tokens (padding dropped)."""
         rows = tensor.detach().float().reshape(-1, width).cpu()
-        if self.attention_mask is None:
-            return rows
-        return rows[self.attention_mask.reshape(-1).bool().cpu()]
+        return rows if self._keep is None else rows[self._keep]
 
 
 @torch.no_grad()
@@ -46,7 +53,7 @@ def calibration_pass(
         model.eval()
     try:
         for batch in batches:
-            batch_state.attention_mask = batch.get("attention_mask")
+            batch_state.set(batch)
             for model in models:
                 model(input_ids=batch["input_ids"], attention_mask=batch_state.attention_mask)
             windows += len(batch["input_ids"])
@@ -57,5 +64,5 @@ def calibration_pass(
             handle.remove()
         for model, mode in zip(models, modes, strict=True):
             model.train(mode)
-        batch_state.attention_mask = None
+        batch_state.set(None)
     return windows
