@@ -97,11 +97,12 @@ def _tune_lora(model, windows, settings: dict, collator):
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer, set_seed
 
-    set_seed(0)  # the adapters' initialisation follows the seed of the run, whatever ran before
+    args = _training_args(settings)
+    set_seed(args.seed)  # the adapters' initialisation follows the seed of the run, whatever ran before
     lora = LoraConfig(r=settings["lora_r"], lora_alpha=2 * settings["lora_r"], target_modules="all-linear",
                       task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)
-    Trainer(model=peft_model, args=_training_args(settings), train_dataset=windows, data_collator=collator).train()
+    Trainer(model=peft_model, args=args, train_dataset=windows, data_collator=collator).train()
     return peft_model.merge_and_unload()
 
 
