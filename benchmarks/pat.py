@@ -8,7 +8,8 @@ dense + LoRA; PAT with the library's defaults; PAT as in the paper (mask logits 
 from the dense model; and the one-shot structured peer (`hf_dpruner.pat.width_prune`: the channels of largest
 activation importance, chosen once, then the same LoRA steps), also with least-squares compensation of the weights
 that read the residual stream (``compensate=True``, fitted on the same calibration windows); and MLP-neuron pruning
-(`prune_mlp_neurons`, as many parameters removed, down_proj refitted). Perplexity on the
+(`prune_mlp_neurons`, as many parameters removed, down_proj refitted); and PAT learning that many neurons per MLP
+(``PATConfig(axis="neurons")``) instead of hidden channels. Perplexity on the
 held-out eval splits; parameters and checkpoint size of the saved models; CPU throughput of every model measured in
 this one process, interleaved, median of repeats: greedy decoding at batch 1 and 8, and the prefill of a long
 prompt. Two curves of the default PAT on smaller steps (fewer tokens per step, to fit the time budget): domain
@@ -52,6 +53,7 @@ def pat_label(settings: dict, suffix: str = "") -> str:
 
 
 MLP_LABEL = "one-shot MLP neurons (same parameters) + compensation + LoRA"
+NEURON_PAT_LABEL = "PAT on MLP neurons (same parameters)"
 
 
 def one_shot_label(settings: dict, compensate: bool = False) -> str:
@@ -82,9 +84,9 @@ def _tune_pat(path: str, tokenizer, windows, settings: dict, **config) -> tuple:
     from hf_dpruner.pat import PATConfig, PATTrainer, export_pat_model
 
     start = time.perf_counter()
-    pat_config = PATConfig(pruning_ratio=settings["pruning_ratio"], lora_r=settings["lora_r"],
-                           lora_alpha=2 * settings["lora_r"], mask_init_samples=settings["mask_init_samples"],
-                           **config)
+    pat_config = PATConfig(**{"pruning_ratio": settings["pruning_ratio"], "lora_r": settings["lora_r"],
+                              "lora_alpha": 2 * settings["lora_r"], "mask_init_samples": settings["mask_init_samples"],
+                              **config})
     trainer = PATTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=_training_args(settings),
                          pat_config=pat_config, train_dataset=Dataset.from_dict(windows.to_dict()),
                          processing_class=tokenizer)
@@ -147,9 +149,14 @@ def train_models(settings: dict):
     start = time.perf_counter()
     dense = AutoModelForCausalLM.from_pretrained(path)
     removed = dense.num_parameters() - small.num_parameters()
-    small = prune_mlp_neurons(dense, neurons_for_parameters(dense, removed), calibration, compensate=True)
+    neurons = neurons_for_parameters(dense, removed)
+    small = prune_mlp_neurons(dense, neurons, calibration, compensate=True)
     models[MLP_LABEL] = {"model": _tune_lora(small, windows, settings, collator),
                          "train_seconds": time.perf_counter() - start}
+    # PAT learning the same number of MLP neurons per layer instead of hidden channels
+    small, seconds = _tune_pat(path, tokenizer, windows, settings, axis="neurons",
+                               pruning_ratio=neurons / dense.config.intermediate_size)
+    models[NEURON_PAT_LABEL] = {"model": small, "train_seconds": seconds}
     return models, tokenizer
 
 
@@ -245,7 +252,8 @@ def measure(settings: dict) -> tuple[list[dict], dict[str, list[dict]]]:
         size = _checkpoint_bytes(model)
         nonzero = sum(int((p != 0).sum()) for p in model.parameters())
         rows.append({"method": name, **ppl, "parameters": model.num_parameters(), "nonzero_parameters": nonzero,
-                     "hidden_size": model.config.hidden_size, "checkpoint_bytes": size,
+                     "hidden_size": model.config.hidden_size, "intermediate_size": model.config.intermediate_size,
+                     "checkpoint_bytes": size,
                      "tokens_per_s_batch1": speeds[name]["batch1"], "tokens_per_s_batch8": speeds[name]["batch8"],
                      "tokens_per_s_prefill": speeds[name]["prefill"], "train_seconds": entry["train_seconds"]})
     del models
@@ -257,25 +265,30 @@ def _met(ok: bool) -> str:
 
 
 def goals(rows: list[dict], settings: dict) -> list[str]:
+    """The issue's goals, for the paper's axis (hidden channels) and, when measured, PAT on MLP neurons."""
     by = {r["method"]: r for r in rows}
-    pat, dense = by[pat_label(settings)], by["dense"]
+    dense = by["dense"]
     lora = min((r for r in rows if r["method"].startswith("dense + LoRA")), key=lambda r: r["domain_ppl"])
-    lines = []
-    for key, what in (("batch8", "decoding at batch 8"), ("prefill", f"{settings['prefill_tokens']}-token prefill"),
-                      ("batch1", "decoding at batch 1")):
-        ratio = pat[f"tokens_per_s_{key}"] / dense[f"tokens_per_s_{key}"]
-        lines.append(f"PAT tokens/s, {what}: {ratio:.2f}x the dense model (goal >= {GOALS['speed']}x) — "
-                     f"{_met(ratio >= GOALS['speed'])}.")
-    ratio = pat["domain_ppl"] / lora["domain_ppl"]
-    lines.append(f"PAT domain perplexity {ratio:.2f}x {lora['method']}'s (goal <= {GOALS['quality_vs_lora']}x) — "
-                 f"{_met(ratio <= GOALS['quality_vs_lora'])}.")
     peers = [r for r in rows if r["method"].startswith("one-shot")]
-    if peers:
-        peer = min(peers, key=lambda r: r["domain_ppl"])
-        gain = 1 - pat["domain_ppl"] / peer["domain_ppl"]
-        lines.append(f"PAT domain perplexity {abs(gain):.1%} {'lower' if gain >= 0 else 'higher'} than the best "
-                     f"one-shot peer's ({peer['method']}; goal >= {GOALS['vs_one_shot']:.0%} lower) — "
-                     f"{_met(gain >= GOALS['vs_one_shot'])}.")
+    lines = []
+    for label in (pat_label(settings), NEURON_PAT_LABEL):
+        if label not in by:
+            continue
+        pat, name = by[label], "PAT" if label == pat_label(settings) else "PAT on MLP neurons"
+        for key, what in (("batch8", "decoding at batch 8"), ("prefill", f"{settings['prefill_tokens']}-token prefill"),
+                          ("batch1", "decoding at batch 1")):
+            ratio = pat[f"tokens_per_s_{key}"] / dense[f"tokens_per_s_{key}"]
+            lines.append(f"{name} tokens/s, {what}: {ratio:.2f}x the dense model (goal >= {GOALS['speed']}x) — "
+                         f"{_met(ratio >= GOALS['speed'])}.")
+        ratio = pat["domain_ppl"] / lora["domain_ppl"]
+        lines.append(f"{name} domain perplexity {ratio:.2f}x {lora['method']}'s (goal <= "
+                     f"{GOALS['quality_vs_lora']}x) — {_met(ratio <= GOALS['quality_vs_lora'])}.")
+        if peers:
+            peer = min(peers, key=lambda r: r["domain_ppl"])
+            gain = 1 - pat["domain_ppl"] / peer["domain_ppl"]
+            lines.append(f"{name} domain perplexity {abs(gain):.1%} {'lower' if gain >= 0 else 'higher'} than the "
+                         f"best one-shot peer's ({peer['method']}; goal >= {GOALS['vs_one_shot']:.0%} lower) — "
+                         f"{_met(gain >= GOALS['vs_one_shot'])}.")
     return lines
 
 
@@ -287,10 +300,11 @@ def markdown(rows: list[dict], settings: dict, curve_points: dict[str, list[dict
              f"tokens after a {settings['prompt_tokens']}-token prompt, and one forward over a "
              f"{settings['prefill_tokens']}-token prompt; median of {settings['repeats']}, all models in one process.",
              "",
-             "| method | hidden | domain ppl | general ppl | parameters | checkpoint MiB | tok/s b1 | tok/s b8 | "
-             "prefill tok/s | train (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | hidden | MLP | domain ppl | general ppl | parameters | checkpoint MiB | tok/s b1 | tok/s b8 | "
+             "prefill tok/s | train (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['hidden_size']} | {r['domain_ppl']:.2f} | {r['general_ppl']:.2f} | "
+        lines.append(f"| {r['method']} | {r['hidden_size']} | {r.get('intermediate_size', '')} | "
+                     f"{r['domain_ppl']:.2f} | {r['general_ppl']:.2f} | "
                      f"{r['parameters'] / 1e6:.1f}M | {r['checkpoint_bytes'] / 2**20:.0f} | "
                      f"{r['tokens_per_s_batch1']:.1f} | {r['tokens_per_s_batch8']:.1f} | "
                      f"{r['tokens_per_s_prefill']:.0f} | {r['train_seconds']:.0f} |")

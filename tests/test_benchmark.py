@@ -109,8 +109,9 @@ def load_pat_benchmark():
     return module
 
 
-def pat_row(method, hidden, domain_ppl, b1, b8, prefill=1000.0):
-    return {"method": method, "hidden_size": hidden, "domain_ppl": domain_ppl, "general_ppl": 2 * domain_ppl,
+def pat_row(method, hidden, domain_ppl, b1, b8, prefill=1000.0, intermediate=1536):
+    return {"method": method, "hidden_size": hidden, "intermediate_size": intermediate, "domain_ppl": domain_ppl,
+            "general_ppl": 2 * domain_ppl,
             "parameters": 134_515_008, "nonzero_parameters": 134_000_000, "checkpoint_bytes": 538 * 2**20,
             "tokens_per_s_batch1": b1, "tokens_per_s_batch8": b8, "tokens_per_s_prefill": prefill,
             "train_seconds": 100.0}
@@ -136,12 +137,21 @@ def test_pat_report_states_every_goal_from_rows():
     assert bench.goals(rows, settings)[4] == ("PAT domain perplexity 50.0% higher than the best one-shot peer's "
                                               "(one-shot 25% + compensation + LoRA; goal >= 10% lower) — MISSED.")
     rows.pop()
+    assert len(goals) == 5  # no neuron PAT row: no goals for it
+    rows.append(pat_row(bench.NEURON_PAT_LABEL, 576, 21.0, 12.0, 44.0, intermediate=887))
+    neuron_goals = bench.goals(rows, settings)[5:]
+    assert neuron_goals[0] == ("PAT on MLP neurons tokens/s, decoding at batch 8: 1.10x the dense model (goal >= "
+                               "1.25x) — MISSED.")
+    assert neuron_goals[3] == "PAT on MLP neurons domain perplexity 1.40x dense + LoRA's (goal <= 1.5x) — met."
+    assert neuron_goals[4] == ("PAT on MLP neurons domain perplexity 5.0% higher than the best one-shot peer's "
+                               "(one-shot 25% + LoRA; goal >= 10% lower) — MISSED.")
     curve = {"steps": [{"pruning_ratio": 0.25, "steps": 40, "hidden_size": 432, "domain_ppl": 50.0,
                         "general_ppl": 90.0, "train_seconds": 80.0}],
              "ratios": [{"pruning_ratio": 0.1, "steps": 100, "hidden_size": 518, "domain_ppl": 30.0,
                          "general_ppl": 60.0, "train_seconds": 200.0}]}
     table = bench.markdown(rows, settings, curve)
-    assert "| PAT 25% | 432 | 24.00 | 48.00 | 134.5M | 538 | 13.0 | 48.0 | 1300 | 100 |" in table
+    assert "| PAT 25% | 432 | 1536 | 24.00 | 48.00 | 134.5M | 538 | 13.0 | 48.0 | 1300 | 100 |" in table
+    assert f"| {bench.NEURON_PAT_LABEL} | 576 | 887 | 21.00 |" in table
     assert "| 25% | 40 | 432 | 50.00 | 90.00 | 80 |" in table and "| 10% | 100 | 518 | 30.00 | 60.00 | 200 |" in table
 
 
@@ -156,11 +166,15 @@ def test_quick_pat_benchmark_writes_results(tmp_path):
     small = ["PAT 25%", "PAT 25% (paper: mask from zeros)", "PAT 25% + KD 0.5", "one-shot 25% + LoRA",
              "one-shot 25% + compensation + LoRA"]
     mlp = runs.pop("one-shot MLP neurons (same parameters) + compensation + LoRA")
+    neuron_pat = runs.pop("PAT on MLP neurons (same parameters)")
     assert set(runs) == {"dense", "dense + LoRA", "dense + LoRA (lr 0.0002)", *small}
     assert runs["dense"]["hidden_size"] == 576 and all(runs[name]["hidden_size"] == 432 for name in small)
     assert all(runs[name]["parameters"] < runs["dense"]["parameters"] for name in small)
     # the MLP peer keeps the hidden size and removes as many parameters (to a neuron's worth) as width pruning
     assert mlp["hidden_size"] == 576 and abs(mlp["parameters"] - runs["PAT 25%"]["parameters"]) <= 3 * 576 * 30 / 2
+    # PAT on the neuron axis ends at the same size as the one-shot MLP peer
+    assert (neuron_pat["hidden_size"], neuron_pat["intermediate_size"], neuron_pat["parameters"]) == \
+        (576, mlp["intermediate_size"], mlp["parameters"])
     assert runs["PAT 25%"]["checkpoint_bytes"] < runs["dense"]["checkpoint_bytes"]
     assert all(r["tokens_per_s_prefill"] > 0 and r["domain_ppl"] > 1 for r in runs.values())
     curves = results["curves"]

@@ -63,5 +63,6 @@ def main(argv: list[str]) -> int:
     small = trainer.export(record={"base_model": model_args.name})
     record = json.loads((Path(training_args.output_dir) / PAT_CONFIG_NAME).read_text())
     print(json.dumps(record["export"], indent=2))
-    print(f"saved: {training_args.output_dir} (hidden_size {small.config.hidden_size})", file=sys.stderr)
+    size = "intermediate_size" if config.axis == "neurons" else "hidden_size"
+    print(f"saved: {training_args.output_dir} ({size} {getattr(small.config, size)})", file=sys.stderr)
     return 0

@@ -25,7 +25,9 @@ TEMPLATE = "pat_model.md"
 def build_pat_card(record: dict, model_name: str, repo_id: str | None = None) -> ModelCard:
     """The card of a PAT export from its ``pat_config.json`` content."""
     export = record.get("export") or {}
-    hidden = export.get("hidden_size") or {}
+    neurons = record.get("axis") == "neurons"
+    size_name = "intermediate_size" if neurons else "hidden_size"
+    size = export.get(size_name) or {}
     params = export.get("parameters") or {}
     base = record.get("base_model")
     hub_base = hub_base_model(base)
@@ -49,8 +51,11 @@ def build_pat_card(record: dict, model_name: str, repo_id: str | None = None) ->
         base_model_note=note,
         removed_percent=f"{100 * ratio:.0f}%" if ratio is not None else "a fraction",
         data=training.get("data"),
-        hidden_before=hidden.get("before", "?"),
-        hidden_after=hidden.get("after", "?"),
+        neurons=neurons,
+        unit="MLP neurons (in every layer)" if neurons else "hidden channels",
+        size_name=size_name,
+        size_before=size.get("before", "?"),
+        size_after=size.get("after", "?"),
         params_before=f"{params['before']:,}" if "before" in params else "?",
         params_after=f"{params['after']:,}" if "after" in params else "?",
         library_version=record.get("hf_dpruner_version", __version__),

@@ -12,15 +12,28 @@ PAT_CONFIG_NAME = "pat_config.json"
 # Keys that `save_pretrained` adds beside the recipe (what the run produced).
 PAT_RECORD_KEYS = ("method", "hf_dpruner_version", "base_model", "training", "export")
 MASK_INITS = ("zeros", "activation", "taylor")
+AXES = ("hidden", "neurons")
 
 
 @dataclass
 class PATConfig(RecipeConfig):
     """Configuration of PAT (Liu et al. 2024): HSMs on the residual stream, one shared trainable channel mask,
-    Identity Loss, LoRA on the linear layers; exported as a model with a smaller ``hidden_size``."""
+    Identity Loss, LoRA on the linear layers; exported as a model with a smaller ``hidden_size``. With
+    ``axis="neurons"`` the masks are on the MLP neurons instead (one per layer) and the export has a smaller
+    ``intermediate_size``."""
 
     pruning_ratio: float = field(
-        default=0.25, metadata={"help": "Fraction of the hidden channels removed, in (0, 1)."}
+        default=0.25,
+        metadata={"help": "Fraction of the hidden channels (axis 'hidden') or of each MLP's neurons (axis 'neurons') "
+                  "removed, in (0, 1)."},
+    )
+    axis: str = field(
+        default="hidden",
+        metadata={
+            "help": "What PAT removes: 'hidden' (the paper: hidden channels of the residual stream, one mask shared "
+            "by HSMs after every block; export with a smaller hidden_size) or 'neurons' (MLP neurons, one mask per "
+            "layer on the input of down_proj, no HSMs; export with a smaller intermediate_size)."
+        },
     )
     hsm_rank: int | None = field(
         default=None,
@@ -39,7 +52,8 @@ class PATConfig(RecipeConfig):
         default="activation",
         metadata={
             "help": "How the mask logits start: 'activation' (Minitron's activation importance at the RMSNorm "
-            "outputs; the best measured), 'taylor' (|dL/dgate| at the open gate), both measured on the first "
+            "outputs; with axis 'neurons' each neuron's output energy E[h^2] ||W_down[:, j]||^2; the best "
+            "measured), 'taylor' (|dL/dgate| at the open gate; axis 'hidden' only), both measured on the first "
             "mask_init_samples training windows, or 'zeros' (the paper: every channel alike, chosen by the first "
             "gradient steps)."
         },
@@ -97,6 +111,11 @@ class PATConfig(RecipeConfig):
             raise ValueError(f"mask_warmup_fraction must be in (0, 1], got {self.mask_warmup_fraction!r}.")
         if self.mask_init not in MASK_INITS:
             raise ValueError(f"mask_init must be one of {MASK_INITS}, got {self.mask_init!r}.")
+        if self.axis not in AXES:
+            raise ValueError(f"axis must be one of {AXES}, got {self.axis!r}.")
+        if self.axis == "neurons" and self.mask_init == "taylor":
+            raise ValueError("mask_init='taylor' scores hidden channels; with axis='neurons' use 'activation' (the "
+                             "neurons' output energy) or 'zeros'.")
         if not isinstance(self.mask_init_samples, int) or self.mask_init_samples < 1:
             raise ValueError(f"mask_init_samples must be a positive integer, got {self.mask_init_samples!r}.")
         if not self.mask_init_scale > 0:

@@ -1,7 +1,10 @@
-"""Export a PAT-tuned model as a standard transformers checkpoint with a smaller ``hidden_size``.
+"""Export a PAT-tuned model as a standard transformers checkpoint with a smaller ``hidden_size`` (or, with
+``axis="neurons"``, a smaller ``intermediate_size``).
 
 Every HSM's ``T`` is folded into the neighbouring weights, LoRA is merged, the closed channels are dropped and the
-RMSNorms are rescaled, so the exported model computes what the masked model computed, with fewer parameters.
+RMSNorms are rescaled, so the exported model computes what the masked model computed, with fewer parameters. On the
+neuron axis LoRA is merged and each MLP keeps its open neurons (rows of ``gate_proj``/``up_proj``, columns of
+``down_proj``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from ..modeling import is_stale_checkpoint_file
 from ..utils import replacing_folder
 from ..version import __version__
 from .config import PATConfig
-from .modules import PATModules, get_pat_modules
+from .modules import PAT_ATTRIBUTE, PATModules, get_pat_modules
+from .neuron_pruning import neuron_subset_state_dict, smaller_mlp_model
 
 logger = logging.get_logger(__name__)
 
@@ -115,6 +119,20 @@ def channel_subset_state_dict(
     return state
 
 
+def merged_state_dict(base: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The float32 CPU weights of `base` keyed like a plain model's state dict: LoRA merged (without modifying
+    `base`), no adapter or PAT entries."""
+    state = {}
+    for key, value in base.state_dict().items():
+        if "lora_" in key or key.startswith(f"{PAT_ATTRIBUTE}."):
+            continue
+        state[key.replace(".base_layer.", ".")] = value.detach().float().cpu()
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            _put(state, name, *_effective(module))
+    return state
+
+
 def exported_state_dict(model: PreTrainedModel | PeftModel, pat: PATModules) -> tuple[dict[str, torch.Tensor], int]:
     """The weights of the smaller model, keyed like the base model's state dict."""
     base = model.get_base_model() if isinstance(model, PeftModel) else model
@@ -160,15 +178,21 @@ def export_pat_model(
             f"The PAT mask is not binary yet (step {int(pat.mask.step)} of warm-up {pat.mask.warmup_steps}): the "
             "export keeps the top channels, but its outputs differ from the masked model's. Train past the warm-up."
         )
-    state, kept = exported_state_dict(model, pat)
-    small = smaller_model(base, state, kept)
+    if pat.config.axis == "neurons":
+        keep = pat.mask.kept_indices().cpu()
+        kept, size = keep.shape[-1], "intermediate_size"
+        small = smaller_mlp_model(base, neuron_subset_state_dict(merged_state_dict(base), keep), kept)
+    else:
+        state, kept = exported_state_dict(model, pat)
+        small, size = smaller_model(base, state, kept), "hidden_size"
     if output_dir is not None:
-        _save(small, Path(output_dir), tokenizer, pat.config, base, kept, record or {})
+        _save(small, Path(output_dir), tokenizer, pat.config, base, {size: {"before": getattr(base.config, size),
+                                                                            "after": kept}}, record or {})
     return small
 
 
 def _save(small: PreTrainedModel, output_dir: Path, tokenizer, config: PATConfig, base: PreTrainedModel,
-          kept: int, record: dict[str, Any]) -> None:
+          sizes: dict[str, dict[str, int]], record: dict[str, Any]) -> None:
     from .card import write_pat_card
 
     # weights, masks and pruning config of an earlier save to this folder would contradict the smaller model
@@ -177,15 +201,13 @@ def _save(small: PreTrainedModel, output_dir: Path, tokenizer, config: PATConfig
         small.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        export = {
-            "hidden_size": {"before": base.config.hidden_size, "after": kept},
-            "parameters": {"before": base_parameter_count(base), "after": small.num_parameters()},
-        }
+        export = {**sizes, "parameters": {"before": base_parameter_count(base), "after": small.num_parameters()}}
         config.save_pretrained(tmp, method="pat", hf_dpruner_version=__version__,
                                base_model=record.get("base_model", getattr(base.config, "_name_or_path", None)),
                                training=record.get("training", {}), export=export)
         write_pat_card(tmp, model_name=output_dir.name, existing=output_dir / CARD_NAME)
-    logger.info(f"PAT export: hidden {base.config.hidden_size} -> {kept}, saved to {output_dir}.")
+    changes = ", ".join(f"{name} {size['before']} -> {size['after']}" for name, size in sizes.items())
+    logger.info(f"PAT export: {changes}, saved to {output_dir}.")
 
 
 def base_parameter_count(base: PreTrainedModel) -> int:

@@ -1,4 +1,5 @@
-"""The globally shared trainable channel mask of PAT and its annealing schedule."""
+"""PAT's trainable channel mask and its annealing schedule: one mask shared by the whole residual stream, or one
+mask per MLP (``num_groups``) for the neuron axis."""
 
 from __future__ import annotations
 
@@ -18,16 +19,22 @@ class SharedChannelMask(nn.Module):
       and the gate sharpens towards a step function;
     - ``s ≥ s0``: the gate is exactly binary, 1 on the ``num_kept`` channels with the largest logits and 0 elsewhere.
       Gradients still reach the logits through ``sigmoid(logits)`` (straight-through), so channels can swap.
+
+    With ``num_groups`` the logits are ``[num_groups, hidden_size]``: that many independent masks on one schedule
+    (e.g. one per MLP), each keeping its own ``num_kept`` channels.
     """
 
-    def __init__(self, hidden_size: int, num_kept: int, warmup_fraction: float = 1 / 3) -> None:
+    def __init__(self, hidden_size: int, num_kept: int, warmup_fraction: float = 1 / 3,
+                 num_groups: int | None = None) -> None:
         super().__init__()
         if not 0 < num_kept <= hidden_size:
             raise ValueError(f"num_kept must be in [1, {hidden_size}], got {num_kept}.")
+        if num_groups is not None and num_groups < 1:
+            raise ValueError(f"num_groups must be a positive integer or None, got {num_groups!r}.")
         self.hidden_size = hidden_size
         self.num_kept = num_kept
         self.warmup_fraction = warmup_fraction
-        self.logits = nn.Parameter(torch.zeros(hidden_size))
+        self.logits = nn.Parameter(torch.zeros(hidden_size if num_groups is None else (num_groups, hidden_size)))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("total_steps", torch.zeros((), dtype=torch.long))
 
@@ -59,30 +66,31 @@ class SharedChannelMask(nn.Module):
         return max(0.0, 0.5 - int(self.step) / self.warmup_steps)
 
     def keep_mask(self) -> torch.Tensor:
-        """Bool ``[hidden_size]``: the ``num_kept`` channels with the largest logits (ties: lower index first)."""
-        order = torch.argsort(self.logits.detach(), descending=True, stable=True)
-        keep = torch.zeros(self.hidden_size, dtype=torch.bool, device=self.logits.device)
-        keep[order[: self.num_kept]] = True
-        return keep
+        """Bool, the logits' shape: the ``num_kept`` channels with the largest logits (per group; ties: lower index
+        first)."""
+        order = torch.argsort(self.logits.detach(), dim=-1, descending=True, stable=True)
+        keep = torch.zeros_like(self.logits, dtype=torch.bool)
+        return keep.scatter_(-1, order[..., : self.num_kept], True)
 
     def kept_indices(self) -> torch.Tensor:
-        """Sorted indices of the kept channels."""
-        return torch.nonzero(self.keep_mask()).flatten()
+        """Sorted indices of the kept channels: ``[num_kept]``, or ``[num_groups, num_kept]`` (a row per group)."""
+        keep = self.keep_mask()
+        return torch.nonzero(keep)[:, -1].view(*keep.shape[:-1], self.num_kept)
 
     def gate(self) -> torch.Tensor:
-        """The per-channel gate ``[hidden_size]`` at the current step."""
+        """The per-channel gate at the current step (the logits' shape)."""
         if self.is_binary:
             soft = torch.sigmoid(self.logits)
             return self.keep_mask().to(soft.dtype) + (soft - soft.detach())
         return torch.sigmoid(self.temperature() * self.logits) + self.offset()
 
     def num_open(self) -> int:
-        """Channels whose gate exceeds 0.5 now."""
+        """Channels whose gate exceeds 0.5 now (in all groups together)."""
         return int((self.gate().detach() > 0.5).sum())
 
     def active_loss(self) -> torch.Tensor:
-        """``|num_kept − N_open| / hidden_size``; ``N_open`` counts gates above 0.5, with a straight-through
-        gradient through the gates, so the loss pulls every gate towards the target count."""
+        """``|num_kept − N_open| / hidden_size`` (the mean over the groups); ``N_open`` counts gates above 0.5, with
+        a straight-through gradient through the gates, so the loss pulls every gate towards the target count."""
         gate = self.gate()
-        count = (gate.detach() > 0.5).sum().to(gate.dtype) + (gate - gate.detach()).sum()
-        return (self.num_kept - count).abs() / self.hidden_size
+        count = (gate.detach() > 0.5).sum(-1).to(gate.dtype) + (gate - gate.detach()).sum(-1)
+        return ((self.num_kept - count).abs() / self.hidden_size).mean()

@@ -27,7 +27,8 @@ PAT_ATTRIBUTE = "pat_modules"
 
 @dataclass(frozen=True)
 class HSMSite:
-    """Where an HSM sits: the module whose output it transforms, and the HSM's key."""
+    """Where a PAT module sits: the module it hooks (an HSM on its output, or a neuron mask on its input), and the
+    module's key."""
 
     key: str
     module_path: str
@@ -55,26 +56,30 @@ def hsm_sites(model: PreTrainedModel) -> list[HSMSite]:
     return sites
 
 
+def neuron_sites(model: PreTrainedModel) -> list[HSMSite]:
+    """The neuron-mask positions (axis ``"neurons"``): the input of every MLP's ``down_proj``, one per layer."""
+    return [HSMSite(f"{i}_neurons", f"model.layers.{i}.mlp.down_proj") for i in range(len(model.model.layers))]
+
+
 def embeddings_tied(model: PreTrainedModel) -> bool:
     out = model.get_output_embeddings()
     return out is not None and out.weight is model.get_input_embeddings().weight
 
 
 class PATModules(nn.Module):
-    """The shared mask and every HSM of a model, plus the forward hooks that apply them."""
+    """The mask and every HSM of a model, plus the hooks that apply them.
 
-    def __init__(self, hidden_size: int, config: PATConfig, sites: list[HSMSite], tied_embeddings: bool) -> None:
+    Axis ``"hidden"``: the shared mask gates every HSM's output on the residual stream. Axis ``"neurons"``: the mask
+    has a row per layer (``mask.logits`` is ``[layers, intermediate_size]``) that gates the input of that layer's
+    ``down_proj``; there are no HSMs."""
+
+    def __init__(self, config: PATConfig, mask: SharedChannelMask, sites: list[HSMSite],
+                 hsms: dict[str, HybridSparsificationModule] | None = None) -> None:
         super().__init__()
         self.config = config
         self.sites = sites
-        self.mask = SharedChannelMask(hidden_size, config.kept_channels(hidden_size), config.mask_warmup_fraction)
-        rank = config.rank_for(hidden_size)
-        self.hsms = nn.ModuleDict({
-            site.key: HybridSparsificationModule(
-                hidden_size, rank, transform=not (site.key == "embed" and tied_embeddings)
-            )
-            for site in sites
-        })
+        self.mask = mask
+        self.hsms = nn.ModuleDict(hsms or {})
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._fixed_gate: torch.Tensor | None = None
         self._bypassed = False
@@ -100,29 +105,44 @@ class PATModules(nn.Module):
             self._bypassed = False
 
     def attach(self, model: nn.Module) -> None:
-        """Hook every site of `model` (the peft-wrapped modules, so LoRA's update passes through the HSM too)."""
+        """Hook every site of `model` (the peft-wrapped modules, so LoRA's update passes through the HSM or sees
+        the masked neurons too)."""
         self.detach()
-        for site in self.sites:
+        for row, site in enumerate(self.sites):
             module = model.get_submodule(site.module_path)
-            hsm = self.hsms[site.key]
-            self._handles.append(module.register_forward_hook(self._hook(hsm)))
+            if self.config.axis == "neurons":
+                self._handles.append(module.register_forward_pre_hook(self._neuron_hook(row)))
+            else:
+                self._handles.append(module.register_forward_hook(self._hook(self.hsms[site.key])))
 
     def detach(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
 
+    def _gate(self) -> torch.Tensor:
+        return self._fixed_gate if self._fixed_gate is not None else self.mask.gate()
+
     def _hook(self, hsm: HybridSparsificationModule):
         def apply(module, args, output):
             if self._bypassed:
                 return output
-            return hsm(output, self._fixed_gate if self._fixed_gate is not None else self.mask.gate())
+            return hsm(output, self._gate())
+
+        return apply
+
+    def _neuron_hook(self, row: int):
+        def apply(module, args):
+            if self._bypassed:
+                return None
+            return (args[0] * self._gate()[row].to(args[0].dtype), *args[1:])
 
         return apply
 
     def identity_loss(self) -> torch.Tensor:
-        """Sum of the Identity Loss of every HSM with a transform."""
-        return sum(h.identity_loss() for h in self.hsms.values() if h.has_transform)
+        """Sum of the Identity Loss of every HSM with a transform (0 without HSMs)."""
+        losses = [h.identity_loss() for h in self.hsms.values() if h.has_transform]
+        return sum(losses) if losses else self.mask.logits.new_zeros(())
 
 
 def get_pat_model(model: PreTrainedModel, config: PATConfig | None = None) -> PreTrainedModel | PeftModel:
@@ -135,7 +155,6 @@ def get_pat_model(model: PreTrainedModel, config: PATConfig | None = None) -> Pr
         raise ValueError("get_pat_model expects a plain transformers model without adapters or PAT modules.")
     check_supported(model)
     hidden_size = model.config.hidden_size
-    sites = hsm_sites(model)
     tied = embeddings_tied(model)
     if config.lora_r > 0:
         lora = LoraConfig(
@@ -147,18 +166,39 @@ def get_pat_model(model: PreTrainedModel, config: PATConfig | None = None) -> Pr
         model.requires_grad_(False)
         wrapped = model
     base = wrapped.get_base_model() if isinstance(wrapped, PeftModel) else wrapped
-    pat = PATModules(hidden_size, config, sites, tied)
+    pat = _pat_modules(base, config, tied)
     param = next(base.parameters())
     pat.to(param.device)
     setattr(base, PAT_ATTRIBUTE, pat)
     pat.requires_grad_(True)
     pat.attach(base)
-    logger.info(
-        f"PAT: {len(sites)} HSMs (rank {config.rank_for(hidden_size)}"
-        f"{', mask-only on the tied embeddings' if tied else ''}), "
-        f"target {pat.mask.num_kept} of {hidden_size} hidden channels, LoRA r={config.lora_r}."
-    )
+    if config.axis == "neurons":
+        logger.info(f"PAT: a neuron mask on each of {len(pat.sites)} MLPs, target {pat.mask.num_kept} of "
+                    f"{model.config.intermediate_size} neurons each, LoRA r={config.lora_r}.")
+    else:
+        logger.info(
+            f"PAT: {len(pat.sites)} HSMs (rank {config.rank_for(hidden_size)}"
+            f"{', mask-only on the tied embeddings' if tied else ''}), "
+            f"target {pat.mask.num_kept} of {hidden_size} hidden channels, LoRA r={config.lora_r}."
+        )
     return wrapped
+
+
+def _pat_modules(model: PreTrainedModel, config: PATConfig, tied: bool) -> PATModules:
+    """New PAT modules for `model` on ``config.axis``: the HSMs and their shared mask, or the per-layer neuron
+    masks."""
+    if config.axis == "neurons":
+        size = model.config.intermediate_size
+        sites = neuron_sites(model)
+        mask = SharedChannelMask(size, config.kept_channels(size), config.mask_warmup_fraction, num_groups=len(sites))
+        return PATModules(config, mask, sites)
+    hidden = model.config.hidden_size
+    sites = hsm_sites(model)
+    rank = config.rank_for(hidden)
+    hsms = {site.key: HybridSparsificationModule(hidden, rank, transform=not (site.key == "embed" and tied))
+            for site in sites}
+    mask = SharedChannelMask(hidden, config.kept_channels(hidden), config.mask_warmup_fraction)
+    return PATModules(config, mask, sites, hsms)
 
 
 def get_pat_modules(model: nn.Module, required: bool = True) -> PATModules | None:

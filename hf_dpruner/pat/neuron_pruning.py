@@ -30,7 +30,7 @@ def neurons_for_parameters(model: PreTrainedModel, parameters: int) -> int:
 
 
 @torch.no_grad()
-def _mlp_statistics(model: PreTrainedModel, batches: Batches, gram: bool) -> list[torch.Tensor]:
+def mlp_statistics(model: PreTrainedModel, batches: Batches, gram: bool) -> list[torch.Tensor]:
     """Per layer, ``Σ h²`` per neuron (``gram=False``) or ``Σ h hᵀ`` (``gram=True``, float64) over the calibration
     tokens of the input of ``down_proj``."""
     layers = model.model.layers
@@ -76,26 +76,46 @@ def prune_mlp_neurons(
         raise ValueError("prune_mlp_neurons needs at least one calibration batch to score the neurons.")
     if damping <= 0:
         raise ValueError(f"damping must be > 0, got {damping!r}.")
-    stats = _mlp_statistics(model, calibration, gram=compensate)
+    stats = mlp_statistics(model, calibration, gram=compensate)
     kept = size - num_removed
-    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    for i, layer in enumerate(model.model.layers):
-        down = layer.mlp.down_proj.weight.detach().double().cpu()
-        energy = torch.diagonal(stats[i]) if compensate else stats[i]
-        score = energy * down.pow(2).sum(0)
-        keep = torch.argsort(score, descending=True, stable=True)[:kept].sort().values
+    layers = model.model.layers
+    energy = [torch.diagonal(s) if compensate else s for s in stats]
+    keep = torch.stack([torch.argsort(neuron_scores(e, layer), descending=True, stable=True)[:kept].sort().values
+                        for e, layer in zip(energy, layers, strict=True)])
+    state = neuron_subset_state_dict(model.state_dict(), keep)  # load_state_dict copies: `model` stays as it is
+    if compensate:
+        for i, layer in enumerate(layers):
+            down = layer.mlp.down_proj.weight.detach().double().cpu()
+            g = stats[i][keep[i]][:, keep[i]]
+            g = g + damping * torch.diagonal(g).mean().clamp_min(1e-12) * torch.eye(kept, dtype=g.dtype)
+            refit = torch.linalg.solve(g, stats[i][keep[i]] @ down.t()).t()  # W Σ h h_Sᵀ (Σ h_S h_Sᵀ + λI)⁻¹
+            state[f"model.layers.{i}.mlp.down_proj.weight"] = refit.to(layer.mlp.down_proj.weight.dtype).contiguous()
+    return smaller_mlp_model(model, state, kept)
+
+
+def neuron_scores(energy: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+    """``E[h_j²] · ‖W_down[:, j]‖²`` per neuron of `layer`'s MLP, from the per-neuron `energy` (``Σ h²``)."""
+    down = layer.mlp.down_proj
+    weight = down.get_base_layer().weight if hasattr(down, "get_base_layer") else down.weight
+    return energy.double().cpu() * weight.detach().double().cpu().pow(2).sum(0)
+
+
+def neuron_subset_state_dict(state: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`state` (a Llama-family state dict) with only the neurons ``keep[i]`` (sorted indices, a row per layer) of
+    every MLP: rows of ``gate_proj``/``up_proj`` and columns of ``down_proj``."""
+    state = dict(state)
+    for i, kept in enumerate(keep.cpu()):
         prefix = f"model.layers.{i}.mlp"
         for name in ("gate_proj", "up_proj"):
             for kind in ("weight", "bias"):
                 if f"{prefix}.{name}.{kind}" in state:
-                    state[f"{prefix}.{name}.{kind}"] = state[f"{prefix}.{name}.{kind}"][keep].contiguous()
-        if compensate:
-            g = stats[i][keep][:, keep]
-            g = g + damping * torch.diagonal(g).mean().clamp_min(1e-12) * torch.eye(kept, dtype=g.dtype)
-            refit = torch.linalg.solve(g, stats[i][keep] @ down.t()).t()  # W Σ h h_Sᵀ (Σ h_S h_Sᵀ + λI)⁻¹
-            state[f"{prefix}.down_proj.weight"] = refit.to(layer.mlp.down_proj.weight.dtype).contiguous()
-        else:
-            state[f"{prefix}.down_proj.weight"] = state[f"{prefix}.down_proj.weight"][:, keep].contiguous()
+                    state[f"{prefix}.{name}.{kind}"] = state[f"{prefix}.{name}.{kind}"][kept].contiguous()
+        state[f"{prefix}.down_proj.weight"] = state[f"{prefix}.down_proj.weight"][:, kept].contiguous()
+    return state
+
+
+def smaller_mlp_model(model: PreTrainedModel, state: dict[str, torch.Tensor], kept: int) -> PreTrainedModel:
+    """A new model of `model`'s class and dtype with ``intermediate_size = kept``, holding `state`."""
     config = copy.deepcopy(model.config)
     config.intermediate_size = kept
     small = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)

@@ -21,6 +21,7 @@ from .channel_importance import activation_channel_importance, logits_from_impor
 from .config import PATConfig
 from .export import export_pat_model
 from .modules import get_pat_model, get_pat_modules
+from .neuron_pruning import mlp_statistics, neuron_scores
 
 logger = logging.get_logger(__name__)
 
@@ -101,8 +102,9 @@ class PATTrainer(Trainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def initialize_mask(self) -> torch.Tensor | None:
-        """Set the mask logits from the channel importance that ``pat_config.mask_init`` names, measured on the
-        first ``mask_init_samples`` training windows (nothing to do for ``"zeros"``); returns the importance."""
+        """Set the mask logits from the channel importance that ``pat_config.mask_init`` names (on the neuron axis:
+        each neuron's output energy, ``[layers, intermediate_size]``), measured on the first ``mask_init_samples``
+        training windows (nothing to do for ``"zeros"``); returns the importance."""
         cfg = self.pat_config
         self._mask_initialized = True
         if cfg.mask_init == "zeros":
@@ -110,15 +112,22 @@ class PATTrainer(Trainer):
         windows = self.train_dataset.select(range(min(cfg.mask_init_samples, len(self.train_dataset))))
         loader = DataLoader(windows, batch_size=self.args.per_device_train_batch_size, collate_fn=self.data_collator)
         batches = [self._prepare_inputs(batch) for batch in loader]
-        if cfg.mask_init == "activation":
-            base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        if cfg.axis == "neurons":
+            with self.pat.fixed_gate(torch.ones_like(self.pat.mask.logits.detach())):
+                energy = mlp_statistics(base, batches, gram=False)
+            importance = torch.stack([neuron_scores(e, layer) for e, layer in zip(energy, base.model.layers,
+                                                                                   strict=True)]).float()
+        elif cfg.mask_init == "activation":
             with self.pat.fixed_gate(torch.ones_like(self.pat.mask.logits.detach())):
                 importance = activation_channel_importance(base, batches)
         else:
             importance = taylor_channel_importance(self.model, self.pat, batches)
+        logits = self.pat.mask.logits
+        rows = importance.view(-1, logits.shape[-1])  # one mask, or one per layer: each standardised on its own
+        start = torch.stack([logits_from_importance(row, cfg.mask_init_scale) for row in rows])
         with torch.no_grad():
-            logits = self.pat.mask.logits
-            logits.copy_(logits_from_importance(importance, cfg.mask_init_scale).to(logits.device, logits.dtype))
+            logits.copy_(start.view_as(logits).to(logits.device, logits.dtype))
         self.channel_importance = importance
         logger.info(f"PAT mask initialised from {cfg.mask_init} importance on {len(windows)} windows.")
         return importance
