@@ -94,7 +94,8 @@ def prune_mlp_neurons(
 
 
 def neuron_scores(energy: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
-    """``E[h_j²] · ‖W_down[:, j]‖²`` per neuron of `layer`'s MLP, from the per-neuron `energy` (``Σ h²``)."""
+    """``E[h_j²] · ‖W_down[:, j]‖²`` per neuron of `layer`'s MLP, from the per-neuron `energy` (``Σ h²``); a
+    LoRA-wrapped ``down_proj`` contributes its base weight (exact before training, when PAT's mask starts)."""
     down = layer.mlp.down_proj
     weight = down.get_base_layer().weight if hasattr(down, "get_base_layer") else down.weight
     return energy.double().cpu() * weight.detach().double().cpu().pow(2).sum(0)
