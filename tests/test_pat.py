@@ -24,7 +24,7 @@ from hf_dpruner.pat import (
 )
 from hf_dpruner.pat.export import logger as export_logger
 
-from testing_utils import build_tiny, make_windows, text
+from testing_utils import build_tiny, export_with_masked_logits, make_windows, pat_trainer, text
 
 
 def test_new_hsm_with_open_gate_is_exactly_the_identity():
@@ -115,43 +115,22 @@ def test_unsupported_architecture_is_refused():
         get_pat_model(build_tiny("gpt2"), PATConfig())
 
 
-def _train(model, tmp_path, config: PATConfig, steps: int = 12, **args) -> PATTrainer:
-    dataset = Dataset.from_dict({"input_ids": make_windows(32, 16).tolist()})
-    settings = dict(max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
-                    save_strategy="no", disable_tqdm=True, logging_steps=steps)
-    training_args = TrainingArguments(str(tmp_path / "run"), **{**settings, **args})
-    trainer = PATTrainer(model=model, args=training_args, pat_config=config, train_dataset=dataset)
-    trainer.train()
-    return trainer
-
-
 @pytest.mark.parametrize("arch,tied,lora_r", [("llama", False, 4), ("llama", True, 4), ("mistral", False, 0),
                                               ("qwen2", True, 4)])
 def test_export_computes_the_same_logits_with_fewer_parameters(tmp_path, arch, tied, lora_r):
     model = build_tiny(arch, tie_word_embeddings=tied)
     dense_params = model.num_parameters()
-    trainer = _train(model, tmp_path, PATConfig(pruning_ratio=0.25, hsm_rank=4, lora_r=lora_r))
+    trainer = pat_trainer(model, tmp_path, PATConfig(pruning_ratio=0.25, hsm_rank=4, lora_r=lora_r))
     pat = get_pat_modules(trainer.model)
     assert pat.mask.is_binary and int(pat.mask.gate().detach().sum()) == 48
     if lora_r:  # training moved the HSMs and LoRA away from the identity
         assert any(h.up.abs().sum() > 0 for h in pat.hsms.values() if h.has_transform)
-    x = make_windows(3, 12, seed=7)
-    masked = trainer.model.eval()
-    with torch.no_grad():
-        expected = masked(input_ids=x).logits
     out = tmp_path / "export"
-    small = trainer.export(out)
-    with torch.no_grad():
-        got = small(input_ids=x).logits
-    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    small, plain = export_with_masked_logits(trainer, out)  # plain transformers, no custom code, same outputs
     assert small.config.hidden_size == 48 and small.config.head_dim == 16
     assert small.num_parameters() < dense_params
     assert small.config.tie_word_embeddings == tied
-    # plain transformers, no custom code, same outputs
-    plain = AutoModelForCausalLM.from_pretrained(out)
     assert type(plain).__name__ == type(model).__name__
-    with torch.no_grad():
-        torch.testing.assert_close(plain(input_ids=x).logits, expected, atol=2e-5, rtol=1e-4)
     record = json.loads((out / PAT_CONFIG_NAME).read_text())
     assert record["export"]["hidden_size"] == {"before": 64, "after": 48}
     assert record["export"]["parameters"] == {"before": dense_params, "after": small.num_parameters()}
@@ -191,7 +170,7 @@ def test_gradient_accumulation_counts_the_pat_terms_once(tmp_path):
     for batch, accumulation in ((4, 1), (2, 2)):
         model = build_tiny("llama")
         config = PATConfig(lora_r=0, hsm_rank=2, mask_warmup_fraction=1.0, identity_loss_weight=10.0)
-        trainer = _train(model, tmp_path, config, steps=3, optim="sgd", per_device_train_batch_size=batch,
+        trainer = pat_trainer(model, tmp_path, config, steps=3, optim="sgd", per_device_train_batch_size=batch,
                          gradient_accumulation_steps=accumulation)
         states.append({k: v.detach().clone() for k, v in get_pat_modules(trainer.model).state_dict().items()})
     assert states[0]["mask.logits"].abs().sum() > 0
@@ -239,10 +218,10 @@ def test_cli_pat_needs_max_steps(tiny_model_dir, tmp_path):  # noqa: F811
 def test_resume_from_a_checkpoint_restores_the_pat_modules(tmp_path):
     """6 steps in one go equal 3 steps, a checkpoint, and 3 more steps resumed in a new trainer."""
     config = PATConfig(hsm_rank=2, lora_r=2)
-    straight = _train(build_tiny("llama"), tmp_path / "a", config, steps=6)
+    straight = pat_trainer(build_tiny("llama"), tmp_path / "a", config, steps=6)
     expected = get_pat_modules(straight.model).state_dict()
 
-    first = _train(build_tiny("llama"), tmp_path / "b", config, steps=6, save_strategy="steps", save_steps=3)
+    first = pat_trainer(build_tiny("llama"), tmp_path / "b", config, steps=6, save_strategy="steps", save_steps=3)
     checkpoint = tmp_path / "b" / "run" / "checkpoint-3"
     assert (checkpoint / "pat_modules.safetensors").is_file()
     del first

@@ -10,6 +10,7 @@ from datasets import Dataset
 from huggingface_hub.utils import filter_repo_objects
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
+    AutoModelForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -25,6 +26,7 @@ from transformers import (
 
 from hf_dpruner import DPrunerConfig, DPrunerTrainer, make_pruned
 from hf_dpruner.masks import compute_masks
+from hf_dpruner.pat import PATConfig, PATTrainer
 from hf_dpruner.targets import find_prunable_weights
 
 VOCAB = 128
@@ -184,3 +186,30 @@ class FakeHfApi:
         FakeHfApi.calls.append(("upload_folder", repo_id, uploaded, commit_message, revision, self.token,
                                 (folder / "README.md").read_text()))
         return type("CommitInfo", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+
+def pat_trainer(model, tmp_path, config: PATConfig, steps: int = 12, train: bool = True, **args) -> PATTrainer:
+    """A `PATTrainer` on 32 random windows of 16 tokens (``make_windows(32, 16)``) with the tests' settings (AdamW
+    1e-2, batches of 4, `steps` steps, `args` over them), trained unless ``train=False``."""
+    dataset = Dataset.from_dict({"input_ids": make_windows(32, 16).tolist()})
+    settings = dict(max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2, report_to=[],
+                    save_strategy="no", disable_tqdm=True, logging_steps=steps)
+    training_args = TrainingArguments(str(tmp_path / "run"), **{**settings, **args})
+    trainer = PATTrainer(model=model, args=training_args, pat_config=config, train_dataset=dataset)
+    if train:
+        trainer.train()
+    return trainer
+
+
+def export_with_masked_logits(trainer: PATTrainer, out: Path) -> tuple[PreTrainedModel, PreTrainedModel]:
+    """Export `trainer`'s model to `out` and check that the export and its plain ``from_pretrained`` reload compute
+    the masked model's logits (2e-5 absolute + 1e-4 relative); returns ``(export, reload)``."""
+    x = make_windows(3, 12, seed=7)
+    with torch.no_grad():
+        expected = trainer.model.eval()(input_ids=x).logits
+    small = trainer.export(out)
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        torch.testing.assert_close(small(input_ids=x).logits, expected, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(plain(input_ids=x).logits, expected, atol=2e-5, rtol=1e-4)
+    return small, plain
