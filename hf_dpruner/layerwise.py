@@ -28,7 +28,9 @@ def capture_block_inputs(
     """The first block's hidden states for each batch, and every block's other ``(args, kwargs)``.
 
     Blocks can receive different kwargs (e.g. a sliding-window mask on some layers), so each block's own are
-    kept; they are references to tensors the model shares between blocks, not copies.
+    kept; they are references to tensors the model shares between blocks, not copies. The blocks themselves do
+    not run: while capturing, each passes its input through (only the embeddings and what the model computes
+    for its blocks, such as position embeddings and attention masks, are computed).
     """
     blocks = decoder_layers(model)
     hidden: list[torch.Tensor] = []
@@ -45,6 +47,9 @@ def capture_block_inputs(
         return hook
 
     handles = [block.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
+    own = [block.__dict__.get("forward") for block in blocks]  # e.g. accelerate's device hooks wrap forward
+    for block in blocks:
+        block.forward = _pass_through
     try:
         for batch in batches:
             try:
@@ -52,9 +57,19 @@ def capture_block_inputs(
             except _InputsCaptured:
                 pass
     finally:
+        for block, forward in zip(blocks, own, strict=True):
+            if forward is None:
+                del block.forward  # the class's forward again
+            else:
+                block.forward = forward
         for handle in handles:
             handle.remove()
     return hidden, calls
+
+
+def _pass_through(*args: Any, **kwargs: Any) -> Any:
+    """Stands in for a block's forward during `capture_block_inputs`: its input hidden states, unchanged."""
+    return args[0] if args else kwargs["hidden_states"]
 
 
 @dataclass
@@ -67,11 +82,15 @@ class BlockStep:
     calls: list[tuple[tuple, dict]]
 
     @torch.no_grad()
-    def forward(self) -> list[torch.Tensor]:
+    def forward(self, autocast: torch.dtype | None = None) -> list[torch.Tensor]:
+        """The block's output for each batch; with `autocast` (e.g. ``torch.bfloat16``) computed autocast to that
+        dtype and returned in the input's dtype."""
         outputs = []
         for hidden, (args, kwargs) in zip(self.hidden, self.calls, strict=False):
-            out: Any = self.block(hidden, *args, **kwargs)
-            outputs.append(out[0] if isinstance(out, (tuple, list)) else out)
+            with torch.autocast(hidden.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+                out: Any = self.block(hidden, *args, **kwargs)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            outputs.append(out.to(hidden.dtype))
         return outputs
 
 
