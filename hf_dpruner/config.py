@@ -20,6 +20,7 @@ DOMAIN_PASSES = ("finetune", "score")
 DOMAIN_SCORES = ("taylor", "taylor_plus")
 MASK_TARGETS = ("original", "tuned")
 IMPORTANCE_DTYPES = ("float32", "bfloat16")
+RECONSTRUCTION_PRECISIONS = ("auto", "float32", "bfloat16")
 _NM_PATTERN = re.compile(r"^(\d+):(\d+)$")
 SPARSITY_TYPES = ("unstructured", "row", "N:M (e.g. 2:4, 4:8)")
 
@@ -171,6 +172,16 @@ class DPrunerConfig(RecipeConfig):
     reconstruction_batch_size: int = field(
         default=2, metadata={"help": "'dpruner-recon': calibration windows per block-reconstruction step."}
     )
+    reconstruction_precision: str = field(
+        default="auto",
+        metadata={
+            "help": "'dpruner-recon': compute precision of the block reconstruction: its training passes, its "
+            "dense targets and the pruned block's outputs that feed the next block. 'bfloat16' autocasts them (the "
+            "weights, their Adam state, the loss, the Hessian statistics and the OBS update stay float32); "
+            "'float32' does not; 'auto' takes bfloat16 where the hardware multiplies it natively (CUDA with "
+            "bfloat16, CPUs with AVX512-BF16 or AMX), float32 elsewhere."
+        },
+    )
 
     importance_dtype: str = field(
         default="float32",
@@ -265,6 +276,7 @@ class DPrunerConfig(RecipeConfig):
                 "terms fall below its resolution. Use 'bfloat16' to halve the importance memory."
             )
         self._check_choice("importance_dtype", IMPORTANCE_DTYPES)
+        self._check_choice("reconstruction_precision", RECONSTRUCTION_PRECISIONS)
         if not _is_number(self.damping) or not (0 < self.damping < math.inf):
             raise ValueError(f"damping must be > 0, got {self.damping!r}; give a finite number.")
         if not _is_number(self.regularization_lambda) or not (0 <= self.regularization_lambda < math.inf):

@@ -32,6 +32,27 @@ def blended_hessian(
     return hessian * (1.0 - general_weight) + general_gram * (2.0 * general_weight / general_count)
 
 
+def native_bfloat16(device: torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 natively (CUDA with bfloat16 support; a CPU with AVX512-BF16 or AMX),
+    so that autocasting to it is faster than float32 rather than emulated."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+    return False
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a reconstruction `precision` ('auto', 'float32', 'bfloat16') on `device`; None is
+    float32 (no autocast)."""
+    if precision == "bfloat16" or (precision == "auto" and native_bfloat16(device)):
+        return torch.bfloat16
+    if precision in ("auto", "float32"):
+        return None
+    raise ValueError(f"precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}.")
+
+
 def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -48,6 +69,7 @@ def reconstruct_block(
     anchor: Callable[[], torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     measure: bool = True,
+    autocast: torch.dtype | None = None,
 ) -> tuple[float, float] | None:
     """Train the masked parameters of `block` so that ``block(hidden, *args, **kwargs)`` reproduces `targets`.
 
@@ -63,6 +85,8 @@ def reconstruct_block(
         generator: for the batch order (reproducible runs).
         measure: measure the errors (two more passes over the batches); False returns None, for callers that
             run the block on the same inputs afterwards anyway (see `output_error`).
+        autocast: run the training passes' forward and backward autocast to this dtype (e.g. ``torch.bfloat16``,
+            see `autocast_dtype`); the parameters, the optimizer state and the loss stay in their own dtype.
 
     Returns:
         ``(error before, error after)``: the weighted mean squared error over all batches, relative to the
@@ -88,7 +112,9 @@ def reconstruct_block(
                 for _ in range(epochs):
                     for i in torch.randperm(len(inputs), generator=generator).tolist():
                         hidden, args, kwargs = inputs[i]
-                        out = _first(block(hidden, *args, **kwargs))
+                        with torch.autocast(hidden.device.type, dtype=autocast or torch.float32,
+                                            enabled=autocast is not None):
+                            out = _first(block(hidden, *args, **kwargs))
                         loss = (out.float() - targets[i].float()).pow(2).mean() * (weights[i] / total)
                         if anchor is not None:
                             loss = loss + anchor()

@@ -15,7 +15,14 @@ from hf_dpruner.importance.sparsegpt import sparsegpt_prune
 from hf_dpruner.layerwise import BlockStep, capture_block_inputs
 from hf_dpruner.methods import get_method
 from hf_dpruner.methods.dual_blockwise import rebatch
-from hf_dpruner.reconstruction import blended_hessian, output_error, reconstruct_block, relative_error
+from hf_dpruner.reconstruction import (
+    autocast_dtype,
+    blended_hessian,
+    native_bfloat16,
+    output_error,
+    reconstruct_block,
+    relative_error,
+)
 from hf_dpruner.targets import decoder_layers
 
 from testing_utils import build_tiny, make_batches, text
@@ -84,6 +91,47 @@ def test_block_reconstruction_lowers_the_error_and_keeps_the_masks_exact():
         assert bool((p[~keep] == 0).all()) and int((p != 0).sum()) <= counts[p]
         assert not p.requires_grad or p.grad is None  # gradients released, flags restored
     assert all(p.requires_grad for p in block.parameters())  # the model's own flags are back
+
+
+def test_block_reconstruction_in_bfloat16_autocast_lowers_the_error_and_keeps_the_masks_exact():
+    model = build_tiny("llama")
+    block, inputs, targets = _inputs_and_targets(model, make_batches(4, 2, 16))
+    masks = _prune_block_by_magnitude(block)
+    twin = copy.deepcopy(block)
+    twin_masks = {dict(twin.named_parameters())[n]: masks[p] for n, p in block.named_parameters() if p in masks}
+    before, after = reconstruct_block(block, inputs, targets, masks, epochs=30, lr=3e-3, autocast=torch.bfloat16,
+                                      generator=torch.Generator().manual_seed(0))
+    _, fp32_after = reconstruct_block(twin, inputs, targets, twin_masks, epochs=30, lr=3e-3,
+                                      generator=torch.Generator().manual_seed(0))
+    assert before > 0.01 and after < 0.5 * before
+    assert after == pytest.approx(fp32_after, rel=0.2)  # the same optimisation, in a coarser arithmetic
+    assert any(not torch.equal(p, q) for p, q in zip(block.parameters(), twin.parameters(), strict=True))
+    for p, keep in masks.items():
+        assert p.dtype == torch.float32 and bool((p[~keep] == 0).all())
+
+
+def test_reconstruction_precision_resolves_to_an_autocast_dtype():
+    cpu = torch.device("cpu")
+    assert autocast_dtype("float32", cpu) is None
+    assert autocast_dtype("bfloat16", cpu) is torch.bfloat16
+    assert autocast_dtype("auto", cpu) is (torch.bfloat16 if native_bfloat16(cpu) else None)
+    assert autocast_dtype("auto", torch.device("meta")) is None and not native_bfloat16(torch.device("meta"))
+    with pytest.raises(ValueError, match="precision must be 'auto', 'float32' or 'bfloat16', got 'fp8'"):
+        autocast_dtype("fp8", cpu)
+    with pytest.raises(ValueError, match="reconstruction_precision must be one of"):
+        DPrunerConfig(reconstruction_precision="half")
+
+
+def test_dpruner_recon_follows_reconstruction_precision():
+    domain, general = make_batches(2, 2, 16, seed=0), make_batches(2, 2, 16, seed=1)
+    weights = {}
+    for precision in ("float32", "bfloat16"):
+        model = build_tiny("llama")
+        config = DPrunerConfig(sparsity=0.5, reconstruction_epochs=2, reconstruction_precision=precision)
+        get_method("dpruner-recon").prune(model, domain, config, general_batches=general, disable_tqdm=True)
+        weights[precision] = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    assert not torch.equal(weights["float32"], weights["bfloat16"])
+    assert torch.equal(weights["float32"] == 0, weights["bfloat16"] == 0)  # the same masks: OBS runs in float32
 
 
 def test_block_reconstruction_without_measuring_trains_the_same_weights():

@@ -4,7 +4,9 @@ Per block: the Hessian of every target weight blends the domain and the general 
 (`reconstruction.blended_hessian`), SparseGPT selects the mask and updates the kept weights on it, and, when
 ``reconstruct`` is set, the block's kept weights are then trained to reproduce the dense block's outputs
 (`reconstruction.reconstruct_block`) on the same windows, inputs from the already-pruned blocks, targets from the
-dense model's own trajectory. The pruned block then produces the next block's inputs.
+dense model's own trajectory. The pruned block then produces the next block's inputs. The reconstruction's passes
+(training, targets, the outputs that feed the next block) may run autocast (`DPrunerConfig.reconstruction_precision`);
+the statistics and the OBS update stay float32.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from ..config import DPrunerConfig
 from ..data import batches_to_device
 from ..importance.sparsegpt import sparsegpt_prune_weight
 from ..layerwise import BlockStep, capture_block_inputs, input_statistics
-from ..reconstruction import blended_hessian, output_error, reconstruct_block
+from ..reconstruction import autocast_dtype, blended_hessian, output_error, reconstruct_block
 from ..targets import decoder_layers, find_prunable_weights, group_by_block
 from .base import Batches, PruningMethod
 
@@ -83,6 +85,8 @@ class DualBlockwiseMethod(PruningMethod):
         set_weights = [1.0 - weight, weight][: len(sets)]
         by_block = group_by_block(find_prunable_weights(model, config.target_modules))
         reconstruct = self.reconstruct and config.reconstruction_epochs > 0
+        # the reconstruction's training passes, its targets and the next block's inputs; statistics and OBS: float32
+        autocast = autocast_dtype(config.reconstruction_precision, device) if reconstruct else None
         self.increased_damping: dict[str, float] = {}
         self.block_errors: dict[int, float] = {}  # relative output error of each block after reconstruction
         generator = torch.Generator().manual_seed(0)
@@ -98,7 +102,7 @@ class DualBlockwiseMethod(PruningMethod):
                 block = blocks[index]
                 steps = [BlockStep(index, block, pruned[k], captured[k][1][index]) for k in range(len(sets))]
                 if reconstruct:  # the dense block on the dense trajectory: the targets, and the next dense inputs
-                    dense = [BlockStep(index, block, dense[k], captured[k][1][index]).forward()
+                    dense = [BlockStep(index, block, dense[k], captured[k][1][index]).forward(autocast)
                              for k in range(len(sets))]
                 targets = by_block.get(index, [])
                 if targets:
@@ -112,8 +116,9 @@ class DualBlockwiseMethod(PruningMethod):
                         inputs, outputs, weights = _reconstruction_batches(steps, dense, set_weights)
                         reconstruct_block(block, inputs, outputs, {w.weight: masks[w.name] for w in targets},
                                           epochs=config.reconstruction_epochs, lr=config.reconstruction_lr,
-                                          batch_weights=weights, generator=generator, measure=False)
-                pruned = [step.forward() for step in steps]
+                                          batch_weights=weights, generator=generator, measure=False,
+                                          autocast=autocast)
+                pruned = [step.forward(autocast) for step in steps]
                 if reconstruct and targets:  # the error left, from the outputs that feed the next block
                     self.block_errors[index] = output_error([o for outs in pruned for o in outs],
                                                             [t for outs in dense for t in outs], weights)
