@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .reconstruction import autocast_to
 from .targets import PrunableWeight, decoder_layers
 
 
@@ -87,7 +88,7 @@ class BlockStep:
         dtype and returned in the input's dtype."""
         outputs = []
         for hidden, (args, kwargs) in zip(self.hidden, self.calls, strict=False):
-            with torch.autocast(hidden.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            with autocast_to(hidden.device, autocast):
                 out: Any = self.block(hidden, *args, **kwargs)
             out = out[0] if isinstance(out, (tuple, list)) else out
             outputs.append(out.to(hidden.dtype))

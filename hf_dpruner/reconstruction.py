@@ -53,6 +53,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     raise ValueError(f"precision must be 'auto', 'float32' or 'bfloat16', got {precision!r}.")
 
 
+def autocast_to(device: torch.device, dtype: torch.dtype | None) -> torch.autocast:
+    """``torch.autocast`` to `dtype` on `device`'s type; disabled (plain float32) when `dtype` is None."""
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -112,8 +117,7 @@ def reconstruct_block(
                 for _ in range(epochs):
                     for i in torch.randperm(len(inputs), generator=generator).tolist():
                         hidden, args, kwargs = inputs[i]
-                        with torch.autocast(hidden.device.type, dtype=autocast or torch.float32,
-                                            enabled=autocast is not None):
+                        with autocast_to(hidden.device, autocast):
                             out = _first(block(hidden, *args, **kwargs))
                         loss = (out.float() - targets[i].float()).pow(2).mean() * (weights[i] / total)
                         if anchor is not None:

@@ -52,6 +52,15 @@ def _prune_block_by_magnitude(block, sparsity=0.5):
     return masks
 
 
+def _pruned_block_and_twin(model):
+    """Block 0 pruned by magnitude, its inputs and dense targets, its masks, and a copy with the copy's masks."""
+    block, inputs, targets = _inputs_and_targets(model, make_batches(4, 2, 16))
+    masks = _prune_block_by_magnitude(block)
+    twin = copy.deepcopy(block)
+    twin_masks = {dict(twin.named_parameters())[n]: masks[p] for n, p in block.named_parameters() if p in masks}
+    return block, inputs, targets, masks, twin, twin_masks
+
+
 def test_blended_hessian_normalises_each_text_by_its_token_count():
     gd, gg = torch.randn(6, 4), torch.randn(10, 4)
     domain, general = (gd.t() @ gd, 6), (gg.t() @ gg, 10)
@@ -94,11 +103,7 @@ def test_block_reconstruction_lowers_the_error_and_keeps_the_masks_exact():
 
 
 def test_block_reconstruction_in_bfloat16_autocast_lowers_the_error_and_keeps_the_masks_exact():
-    model = build_tiny("llama")
-    block, inputs, targets = _inputs_and_targets(model, make_batches(4, 2, 16))
-    masks = _prune_block_by_magnitude(block)
-    twin = copy.deepcopy(block)
-    twin_masks = {dict(twin.named_parameters())[n]: masks[p] for n, p in block.named_parameters() if p in masks}
+    block, inputs, targets, masks, twin, twin_masks = _pruned_block_and_twin(build_tiny("llama"))
     before, after = reconstruct_block(block, inputs, targets, masks, epochs=30, lr=3e-3, autocast=torch.bfloat16,
                                       generator=torch.Generator().manual_seed(0))
     _, fp32_after = reconstruct_block(twin, inputs, targets, twin_masks, epochs=30, lr=3e-3,
@@ -135,11 +140,7 @@ def test_dpruner_recon_follows_reconstruction_precision():
 
 
 def test_block_reconstruction_without_measuring_trains_the_same_weights():
-    model = build_tiny("llama")
-    block, inputs, targets = _inputs_and_targets(model, make_batches(4, 2, 16))
-    masks = _prune_block_by_magnitude(block)
-    twin = copy.deepcopy(block)
-    twin_masks = {dict(twin.named_parameters())[n]: masks[p] for n, p in block.named_parameters() if p in masks}
+    block, inputs, targets, masks, twin, twin_masks = _pruned_block_and_twin(build_tiny("llama"))
     _, after = reconstruct_block(block, inputs, targets, masks, epochs=2, lr=3e-3,
                                  generator=torch.Generator().manual_seed(0))
     assert reconstruct_block(twin, inputs, targets, twin_masks, epochs=2, lr=3e-3,
