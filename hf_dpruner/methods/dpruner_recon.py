@@ -23,5 +23,5 @@ class DPrunerRecon(DualBlockwiseMethod):
         "Christophe Roux et al. *A Free Lunch in LLM Compression: Revisiting Retraining after Pruning*. "
         "arXiv:2510.14444."
     )
-    default_general_weight = 0.25  # measured: domain 31.97 / general 61.54 vs 32.99 / 58.20 at 0.5 (methods.md)
+    default_general_weight = 0.25  # measured: domain 31.97 / general 61.54 vs 33.00 / 58.20 at 0.5 (methods.md)
     reconstruct = True
