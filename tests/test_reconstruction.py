@@ -248,6 +248,7 @@ def test_the_new_methods_run_through_the_cli(tiny_model_dir, tmp_path):
         record = json.loads((out / "pruning_config.json").read_text())
         assert record["method"] == method and record["calibration"]["data"] == "domain+general"
         assert record["reconstruction_epochs"] == 1 and record["calibration"]["samples"] == 4
+        assert record["general_weight"] == get_method(method).default_general_weight  # resolved, not null
         errors = record["calibration"].get("block_errors")  # the sensitivity RankAdaptor's model reads
         if method == "dpruner-recon":
             assert set(errors) == {"0", "1"} and all(0.0 < e < 1.0 for e in errors.values())

@@ -11,8 +11,9 @@ the statistics and the OBS update stay float32.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -60,6 +61,12 @@ class DualBlockwiseMethod(PruningMethod):
 
     def general_weight(self, config: DPrunerConfig) -> float:
         return self.default_general_weight if config.general_weight is None else float(config.general_weight)
+
+    def run(self, model, tokenizer, config: DPrunerConfig, training_args, **kwargs: Any):
+        """`PruningMethod.run` with the general weight resolved, so that ``pruning_config.json`` records the
+        weight used (the method's default when ``config.general_weight`` is None)."""
+        config = dataclasses.replace(config, general_weight=self.general_weight(config))
+        return super().run(model, tokenizer, config, training_args, **kwargs)
 
     @torch.no_grad()
     def prune(
