@@ -1,15 +1,18 @@
-"""Memory benchmark: peak resident memory (RSS) of each stage of a D-Pruner run vs the model's fp32 size.
+"""Memory benchmark: peak resident memory (RSS) of each stage of a pruning run vs the model's fp32 size.
 
     python benchmarks/memory.py                                # the embedded SmolLM2-135M, variant "default"
     python benchmarks/memory.py --variants default score-pass  # several variants, each in a fresh process
+    python benchmarks/memory.py --variants dpruner-recon sparsegpt  # registry methods (the default recipe)
     python benchmarks/memory.py --quick                        # CI-sized: a tiny random Llama (seconds)
 
-Stages: load (model, tokenizer, texts, trainer with its tokenized windows), general_importance, domain_importance,
-masks (the rest of `DPrunerTrainer.prune()`) and save. A thread samples RSS every 20 ms; a stage's peak is raised
-to the kernel's high-water mark when that grew during it. Memory is counted above the baseline (the process after
-importing the libraries); "activations" (one calibration micro-batch) is measured in a process of its own. Goal:
-whole run <= 3x the fp32 model + activations. Variants: default, score-pass (``domain_pass="score"``),
-bf16-importance (``importance_dtype="bfloat16"``), score-pass-bf16 (both). Writes
+D-Pruner's stages: load (model, tokenizer, texts, trainer with its tokenized windows), general_importance,
+domain_importance, masks (the rest of `DPrunerTrainer.prune()`) and save. A registry method's stages (variants
+``dpruner-recon``, ``sparsegpt``): load (model, tokenizer, calibration windows), prune (the method's ``prune`` on
+the windows) and save (masks attached, checkpoint written). A thread samples RSS every 20 ms; a stage's peak is
+raised to the kernel's high-water mark when that grew during it. Memory is counted above the baseline (the process
+after importing the libraries); "activations" (one calibration micro-batch) is measured in a process of its own.
+Goal: whole run <= 3x the fp32 model + activations. D-Pruner variants: default, score-pass
+(``domain_pass="score"``), bf16-importance (``importance_dtype="bfloat16"``), score-pass-bf16 (both). Writes
 ``<output-dir>/memory[-quick].json``, ``.md`` and ``.png``.
 """
 
@@ -36,10 +39,12 @@ if str(_HERE) not in sys.path:  # run as a script or loaded by path from the tes
 from _meta import finish_metadata, start_metadata  # noqa: E402
 
 STAGES = ("load", "general_importance", "domain_importance", "masks", "save")
-VARIANTS: dict[str, dict[str, Any]] = {
+METHOD_STAGES = ("load", "prune", "save")
+VARIANTS: dict[str, dict[str, Any]] = {  # DPrunerConfig overrides of a D-Pruner run
     "default": {}, "score-pass": {"domain_pass": "score"}, "bf16-importance": {"importance_dtype": "bfloat16"},
     "score-pass-bf16": {"domain_pass": "score", "importance_dtype": "bfloat16"},
 }
+METHODS = ("dpruner-recon", "sparsegpt")  # registry methods measured as variants of their own
 QUICK = dict(num_samples=8, seq_len=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=512)
 MIB = 2**20
 RELEASE_FREED = "glibc.malloc.mmap_threshold=131072:glibc.malloc.trim_threshold=131072"
@@ -136,6 +141,8 @@ def worker(variant: str, quick: bool) -> dict[str, Any]:
     from hf_dpruner.commands.prune import PruneTrainingArguments
 
     baseline = rss_bytes() / MIB
+    if variant in METHODS:
+        return method_worker(variant, quick, sampler, baseline_torch, baseline)
     overrides = VARIANTS.get(variant, {})
     missing = set(overrides) - set(DPrunerConfig.__dataclass_fields__)
     if missing:
@@ -168,6 +175,40 @@ def worker(variant: str, quick: bool) -> dict[str, Any]:
     result["stages"] = sampler.stages
     result["run_peak_mib"] = max(s["peak_mib"] for s in sampler.stages.values())
     return result
+
+
+def method_worker(method: str, quick: bool, sampler: StageSampler, baseline_torch: float,
+                  baseline: float) -> dict[str, Any]:
+    """One run of the registry method `method` (domain + general windows, as the benchmark gives every method)."""
+    import torch
+
+    from hf_dpruner import DPrunerConfig
+    from hf_dpruner.data import calibration_batches
+    from hf_dpruner.masks import sparsity_report
+    from hf_dpruner.methods import get_method
+    from hf_dpruner.modeling import make_pruned
+
+    config = DPrunerConfig(**({k: QUICK[k] for k in ("num_samples", "seq_len")} if quick else {}))
+    folder = tempfile.mkdtemp(prefix="bench-memory-")
+    with sampler.stage("load"):
+        model, tokenizer, general, domain = load_inputs(quick, config)
+        if quick:  # the random windows, one per batch
+            windows = [[{"input_ids": torch.tensor([row])} for row in data["input_ids"]] for data in (domain, general)]
+        else:  # as `PruningMethod.run` builds them, with the benchmark's batch size (1) and seed (0)
+            windows = [calibration_batches(texts, tokenizer, config.seq_len, config.num_samples, 1, 0)
+                       for texts in (domain, general)]
+    model_mib = sum(p.numel() * 4 for p in model.parameters()) / MIB
+    pruning = get_method(method)
+    with sampler.stage("prune"):
+        masks = pruning.prune(model, windows[0], config, general_batches=windows[1], disable_tqdm=True)
+    with sampler.stage("save"):
+        make_pruned(model, masks, config, {"method": method})
+        model.save_pretrained(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    return {"variant": method, "config": {"method": method}, "baseline_torch_mib": baseline_torch,
+            "baseline_mib": baseline, "model_fp32_mib": model_mib, "stages": sampler.stages,
+            "run_peak_mib": max(s["peak_mib"] for s in sampler.stages.values()),
+            "sparsity": sparsity_report(masks)["overall"]}
 
 
 def activations(trainer, sampler: StageSampler) -> float:
@@ -224,11 +265,14 @@ def markdown(runs: list[dict], act: float, skipped: list[dict], quick: bool, mal
         above = r["run_peak_mib"] - r["baseline_mib"]
         lines.append(f"- {r['variant']}: run peak {above:.0f} MiB above baseline = {above / model:.2f}x the model; "
                      f"goal <= {3 * model + act:.0f} MiB: {'met' if above <= 3 * model + act else 'MISSED'}")
-    lines += [*skips, "", "Tensors held after the domain stage (MiB, each storage once; gradients, activations and "
-              "the penalty's gradient buffers are transient within the stage):", "",
-              f"| holder | {' | '.join(r['variant'] for r in runs)} |", "|---" * (len(runs) + 1) + "|"]
-    lines += [f"| {name} | " + " | ".join(f"{r['holders_after_domain_mib'][name]:.1f}" for r in runs) + " |"
-              for name in r0["holders_after_domain_mib"]]
+    lines += skips
+    held = [r for r in runs if "holders_after_domain_mib" in r]  # D-Pruner's runs
+    if held:
+        lines += ["", "Tensors held after the domain stage (MiB, each storage once; gradients, activations and "
+                  "the penalty's gradient buffers are transient within the stage):", "",
+                  f"| holder | {' | '.join(r['variant'] for r in held)} |", "|---" * (len(held) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(f"{r['holders_after_domain_mib'][name]:.1f}" for r in held) + " |"
+                  for name in held[0]["holders_after_domain_mib"]]
     return "\n".join(lines) + "\n"
 
 
@@ -238,17 +282,18 @@ def plot(runs: list[dict], act: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    stages = [s for s in (*STAGES[:-1], "prune", "save") if any(s in r["stages"] for r in runs)]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / max(len(runs), 1)
     for i, r in enumerate(runs):
-        values = [r["stages"][s]["peak_mib"] - r["baseline_mib"] for s in STAGES]
-        ax.bar([j + (i - (len(runs) - 1) / 2) * width for j in range(len(STAGES))], values, width=width,
-               label=r["variant"])
+        at = [j for j, s in enumerate(stages) if s in r["stages"]]
+        values = [r["stages"][stages[j]]["peak_mib"] - r["baseline_mib"] for j in at]
+        ax.bar([j + (i - (len(runs) - 1) / 2) * width for j in at], values, width=width, label=r["variant"])
     model = runs[0]["model_fp32_mib"]
     ax.axhline(3 * model, color="grey", linestyle="--", linewidth=1, label=f"3x model ({3 * model:.0f} MiB)")
     ax.axhline(3 * model + act, color="black", linestyle=":", linewidth=1, label="3x model + activations")
-    ax.set_xticks(range(len(STAGES)), STAGES)
-    ax.set(ylabel="peak RSS above baseline (MiB)", title=f"D-Pruner memory per stage (fp32 model {model:.0f} MiB)")
+    ax.set_xticks(range(len(stages)), stages)
+    ax.set(ylabel="peak RSS above baseline (MiB)", title=f"Pruning memory per stage (fp32 model {model:.0f} MiB)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -258,7 +303,7 @@ def plot(runs: list[dict], act: float, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI-sized run on a tiny random Llama.")
-    parser.add_argument("--variants", nargs="+", default=["default"], choices=sorted(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=["default"], choices=sorted((*VARIANTS, *METHODS)))
     parser.add_argument("--release-freed", action="store_true",
                         help="Make glibc return freed memory at once, so that RSS tracks live memory.")
     parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))

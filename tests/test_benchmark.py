@@ -187,17 +187,22 @@ def test_quick_pat_benchmark_writes_results(tmp_path):
 @pytest.mark.slow
 def test_quick_memory_benchmark_measures_every_stage_and_the_held_buffers(tmp_path):
     script = SCRIPT.with_name("memory.py")
-    done = subprocess.run([sys.executable, str(script), "--quick", "--variants", "default", "score-pass-bf16",
+    variants = ["default", "score-pass-bf16", "dpruner-recon"]
+    done = subprocess.run([sys.executable, str(script), "--quick", "--variants", *variants,
                            "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "memory-quick.json").read_text())
-    assert results["settings"] == {"variants": ["default", "score-pass-bf16"], "quick": True, "release_freed": False}
-    assert results["metadata"]["cli_args"]["variants"] == ["default", "score-pass-bf16"]
+    assert results["settings"] == {"variants": variants, "quick": True, "release_freed": False}
+    assert results["metadata"]["cli_args"]["variants"] == variants
     runs = {r["variant"]: r for r in results["runs"]}
-    assert set(runs) == {"default", "score-pass-bf16"} and results["activations_mib"] > 0
-    for run in runs.values():
-        assert list(run["stages"]) == ["load", "general_importance", "domain_importance", "masks", "save"]
+    assert list(runs) == variants and results["activations_mib"] > 0
+    for name, run in runs.items():
+        stages = ["load", "prune", "save"] if name == "dpruner-recon" else [
+            "load", "general_importance", "domain_importance", "masks", "save"]
+        assert list(run["stages"]) == stages
         assert run["run_peak_mib"] >= run["baseline_mib"] > 0
+    recipe = runs["dpruner-recon"]  # the registry method ran: its masks are in the run, no trainer buffers
+    assert recipe["sparsity"] == pytest.approx(0.5) and "holders_after_domain_mib" not in recipe
     default, lean = runs["default"]["holders_after_domain_mib"], runs["score-pass-bf16"]["holders_after_domain_mib"]
     targets = default["S (domain scores)"]
     assert targets > 0 and default["W0 (regularizer.reference)"] == targets  # fp32, one buffer per target weight
