@@ -129,7 +129,8 @@ def load_inputs(quick: bool, config) -> tuple[Any, Any, Any, Any]:
 
 
 def worker(variant: str, quick: bool) -> dict[str, Any]:
-    """One D-Pruner run, stage by stage, in this (fresh) process."""
+    """One D-Pruner run (or registry method run, for a variant in `METHODS`), stage by stage, in this (fresh)
+    process."""
     sampler = StageSampler()
     import torch  # noqa: F401
     import transformers  # noqa: F401
@@ -141,24 +142,29 @@ def worker(variant: str, quick: bool) -> dict[str, Any]:
     from hf_dpruner.commands.prune import PruneTrainingArguments
 
     baseline = rss_bytes() / MIB
-    if variant in METHODS:
-        return method_worker(variant, quick, sampler, baseline_torch, baseline)
-    overrides = VARIANTS.get(variant, {})
-    missing = set(overrides) - set(DPrunerConfig.__dataclass_fields__)
+    method = variant in METHODS
+    overrides = {"method": variant} if method else VARIANTS.get(variant, {})
+    missing = set() if method else set(overrides) - set(DPrunerConfig.__dataclass_fields__)
     if missing:
         return {"variant": variant, "skipped": f"DPrunerConfig has no field {', '.join(sorted(missing))} yet"}
-    config = DPrunerConfig(**({k: QUICK[k] for k in ("num_samples", "seq_len")} if quick else {}), **overrides)
+    config = DPrunerConfig(**({k: QUICK[k] for k in ("num_samples", "seq_len")} if quick else {}),
+                           **({} if method else overrides))
     folder = tempfile.mkdtemp(prefix="bench-memory-")
     with sampler.stage("load"):
         model, tokenizer, general, domain = load_inputs(quick, config)
-        args = PruneTrainingArguments(output_dir=folder, report_to="none", disable_tqdm=True, logging_strategy="no",
-                                      save_strategy="no")
-        trainer = DPrunerTrainer(model=model, args=args, dpruner_config=config, train_dataset=domain,
-                                 general_dataset=general, processing_class=tokenizer)
+        if method:
+            windows = calibration_windows(quick, config, tokenizer, domain, general)
+        else:
+            args = PruneTrainingArguments(output_dir=folder, report_to="none", disable_tqdm=True,
+                                          logging_strategy="no", save_strategy="no")
+            trainer = DPrunerTrainer(model=model, args=args, dpruner_config=config, train_dataset=domain,
+                                     general_dataset=general, processing_class=tokenizer)
     model_mib = sum(p.numel() * 4 for p in model.parameters()) / MIB  # parameters() yields tied weights once
     result: dict[str, Any] = {"variant": variant, "config": overrides, "baseline_torch_mib": baseline_torch,
                               "baseline_mib": baseline, "model_fp32_mib": model_mib}
-    if variant == "activations":
+    if method:
+        result["sparsity"] = method_stages(variant, model, windows, config, folder, sampler)
+    elif variant == "activations":
         result["activations_mib"] = activations(trainer, sampler)
     else:
         with sampler.stage("general_importance"):
@@ -177,38 +183,33 @@ def worker(variant: str, quick: bool) -> dict[str, Any]:
     return result
 
 
-def method_worker(method: str, quick: bool, sampler: StageSampler, baseline_torch: float,
-                  baseline: float) -> dict[str, Any]:
-    """One run of the registry method `method` (domain + general windows, as the benchmark gives every method)."""
+def calibration_windows(quick: bool, config, tokenizer, domain, general) -> list[list[dict]]:
+    """The domain and the general calibration batches a registry method gets: the random windows one per batch
+    (quick), or as `PruningMethod.run` builds them with the benchmark's batch size (1) and seed (0)."""
     import torch
 
-    from hf_dpruner import DPrunerConfig
     from hf_dpruner.data import calibration_batches
+
+    if quick:
+        return [[{"input_ids": torch.tensor([row])} for row in data["input_ids"]] for data in (domain, general)]
+    return [calibration_batches(texts, tokenizer, config.seq_len, config.num_samples, 1, 0)
+            for texts in (domain, general)]
+
+
+def method_stages(method: str, model, windows: list[list[dict]], config, folder: str,
+                  sampler: StageSampler) -> float:
+    """The registry method's prune and save stages (domain + general windows, as the benchmark gives every
+    method); returns the overall sparsity of its masks."""
     from hf_dpruner.masks import sparsity_report
     from hf_dpruner.methods import get_method
     from hf_dpruner.modeling import make_pruned
 
-    config = DPrunerConfig(**({k: QUICK[k] for k in ("num_samples", "seq_len")} if quick else {}))
-    folder = tempfile.mkdtemp(prefix="bench-memory-")
-    with sampler.stage("load"):
-        model, tokenizer, general, domain = load_inputs(quick, config)
-        if quick:  # the random windows, one per batch
-            windows = [[{"input_ids": torch.tensor([row])} for row in data["input_ids"]] for data in (domain, general)]
-        else:  # as `PruningMethod.run` builds them, with the benchmark's batch size (1) and seed (0)
-            windows = [calibration_batches(texts, tokenizer, config.seq_len, config.num_samples, 1, 0)
-                       for texts in (domain, general)]
-    model_mib = sum(p.numel() * 4 for p in model.parameters()) / MIB
-    pruning = get_method(method)
     with sampler.stage("prune"):
-        masks = pruning.prune(model, windows[0], config, general_batches=windows[1], disable_tqdm=True)
+        masks = get_method(method).prune(model, windows[0], config, general_batches=windows[1], disable_tqdm=True)
     with sampler.stage("save"):
         make_pruned(model, masks, config, {"method": method})
         model.save_pretrained(folder)
-    shutil.rmtree(folder, ignore_errors=True)
-    return {"variant": method, "config": {"method": method}, "baseline_torch_mib": baseline_torch,
-            "baseline_mib": baseline, "model_fp32_mib": model_mib, "stages": sampler.stages,
-            "run_peak_mib": max(s["peak_mib"] for s in sampler.stages.values()),
-            "sparsity": sparsity_report(masks)["overall"]}
+    return sparsity_report(masks)["overall"]
 
 
 def activations(trainer, sampler: StageSampler) -> float:
@@ -282,7 +283,8 @@ def plot(runs: list[dict], act: float, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = [s for s in (*STAGES[:-1], "prune", "save") if any(s in r["stages"] for r in runs)]
+    order = (*STAGES[:-1], *METHOD_STAGES[1:])  # load, D-Pruner's stages, prune, save
+    stages = [s for s in order if any(s in r["stages"] for r in runs)]
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / max(len(runs), 1)
     for i, r in enumerate(runs):
