@@ -15,6 +15,8 @@ ENTRY_POINTS = {  # module -> the public objects whose docstrings must hold a ru
     "hf_dpruner.pat.trainer": ["PATTrainer"],
     "hf_dpruner.pat.one_shot": ["width_prune"],
     "hf_dpruner.pat.neuron_pruning": ["prune_mlp_neurons"],
+    "hf_dpruner.pat.neuron_selection": ["obs_neuron_selection"],
+    "hf_dpruner.pat.teacher_reconstruction": ["reconstruct_to_teacher"],
     "hf_dpruner.recovery.distillation_trainer": ["DistillationTrainer"],
 }
 

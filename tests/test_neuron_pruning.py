@@ -6,7 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_dpruner.pat import neurons_for_parameters, prune_mlp_neurons
+from hf_dpruner.pat import (
+    neurons_for_parameters,
+    obs_neuron_selection,
+    prune_mlp_neurons,
+    reconstruct_to_teacher,
+    width_prune,
+)
 
 from testing_utils import build_tiny, make_batches
 
@@ -71,6 +77,59 @@ def test_the_refit_lowers_the_down_proj_error_on_the_calibration_tokens():
     assert torch.equal(refit.model.layers[0].mlp.gate_proj.weight, plain.model.layers[0].mlp.gate_proj.weight)
 
 
+def test_obs_selection_leaves_a_lower_refit_error_than_the_energy_choice():
+    model = build_tiny("llama")
+    batches = make_batches(4, 2, 16)
+    dense_h = _down_inputs(model, batches)[0]
+    dense = dense_h @ model.model.layers[0].mlp.down_proj.weight.t()
+    errors = {}
+    for selection in ("energy", "obs"):
+        small = prune_mlp_neurons(model, 48, batches, compensate=True, selection=selection)
+        h = _down_inputs(small, batches)[0]
+        errors[selection] = (h @ small.model.layers[0].mlp.down_proj.weight.t() - dense).pow(2).sum().item()
+    assert errors["obs"] < errors["energy"], errors
+
+
+def test_obs_selection_is_the_exhaustive_best_on_a_small_problem_and_its_refit_is_least_squares():
+    torch.manual_seed(0)
+    h = torch.randn(64, 6, dtype=torch.float64) @ torch.randn(6, 6, dtype=torch.float64)
+    weight = torch.randn(3, 6, dtype=torch.float64)
+    gram = h.t() @ h
+    damped = gram + 0.01 * torch.diagonal(gram).mean() * torch.eye(6, dtype=torch.float64)
+
+    def refit(keep):  # the damped least-squares refit of the kept columns, and the error it leaves
+        w = torch.linalg.solve(damped[keep][:, keep], damped[keep] @ weight.t()).t()
+        residual = torch.zeros_like(weight)
+        residual[:, keep] = w
+        residual = residual - weight
+        return w, float(torch.einsum("oi,ij,oj->", residual, damped, residual))
+
+    keep, weights = obs_neuron_selection(gram, weight, 1)
+    torch.testing.assert_close(weights, refit(keep)[0])
+    best = min(range(6), key=lambda j: refit(torch.tensor([i for i in range(6) if i != j]))[1])
+    assert best not in keep.tolist() and len(keep) == 5  # one removal: greedy OBS is exact
+    with pytest.raises(ValueError, match="num_removed must be in"):
+        obs_neuron_selection(gram, weight, 6)
+
+
+def test_reconstruction_to_the_teacher_lowers_every_blocks_error_and_the_logit_error():
+    dense = build_tiny("llama")
+    batches = make_batches(16, 4, 32)
+    small = prune_mlp_neurons(dense, 64, batches, selection="obs")
+    x = make_batches(1, 2, 16, seed=5)[0]
+    with torch.no_grad():
+        target = dense(**x).logits
+        before = (small(**x).logits - target).pow(2).mean().item()
+    errors = reconstruct_to_teacher(small, dense, batches, epochs=10, lr=3e-4, precision="float32", disable_tqdm=True)
+    assert len(errors) == dense.config.num_hidden_layers
+    assert all(after < start for start, after in errors), errors
+    with torch.no_grad():
+        after = (small(**x).logits - target).pow(2).mean().item()
+    assert after < before, (before, after)  # held-out tokens: closer to the teacher, not only on the calibration
+    with pytest.raises(ValueError, match="same hidden size"):
+        reconstruct_to_teacher(width_prune(dense, 0.25, batches), dense, batches)
+
+
 def test_bad_input_is_refused_with_a_clear_error():
     model = build_tiny("llama")
     batches = make_batches(1, 2, 16)
@@ -80,6 +139,8 @@ def test_bad_input_is_refused_with_a_clear_error():
         prune_mlp_neurons(model, 8, [])
     with pytest.raises(ValueError, match="PAT supports the Llama family"):
         prune_mlp_neurons(build_tiny("gpt2"), 8, batches)
+    with pytest.raises(ValueError, match="selection must be one of"):
+        prune_mlp_neurons(model, 8, batches, selection="taylor")
     # the parameter budget: 3 * hidden * layers parameters per neuron
     per_neuron = 3 * 64 * model.config.num_hidden_layers
     assert neurons_for_parameters(model, 10 * per_neuron) == 10

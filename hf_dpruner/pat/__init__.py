@@ -7,7 +7,9 @@ from .hsm import HybridSparsificationModule
 from .mask import SharedChannelMask
 from .modules import SUPPORTED_MODEL_TYPES, PATModules, get_pat_model, get_pat_modules
 from .neuron_pruning import neurons_for_parameters, prune_mlp_neurons
+from .neuron_selection import obs_neuron_selection
 from .one_shot import width_prune
+from .teacher_reconstruction import reconstruct_to_teacher
 from .trainer import PATTrainer
 
 __all__ = [
@@ -22,6 +24,8 @@ __all__ = [
     "get_pat_model",
     "get_pat_modules",
     "neurons_for_parameters",
+    "obs_neuron_selection",
     "prune_mlp_neurons",
+    "reconstruct_to_teacher",
     "width_prune",
 ]

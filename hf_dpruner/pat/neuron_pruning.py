@@ -9,6 +9,9 @@ Neuron ``j`` of a layer is scored by the energy it sends to the residual stream,
 refitted by least squares to reproduce its dense output from the kept neurons,
 ``W′ = W · Σ h h_Sᵀ · (Σ h_S h_Sᵀ + λI)⁻¹``, on the same tokens (the dense trajectory, one forward pass). The refit
 holds one ``intermediate_size²`` float64 matrix per layer on the CPU (0.57 GB for SmolLM2-135M's 30 × 1536²).
+
+``selection="obs"`` chooses the neurons by the error they leave after that refit (greedy Optimal Brain Surgeon,
+`neuron_selection.obs_neuron_selection`) instead of by their energy, and always refits ``down_proj``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from .calibration import Batches, CalibrationBatch, calibration_pass
 from .modules import check_supported
+from .neuron_selection import obs_neuron_selection
+
+SELECTIONS = ("energy", "obs")
 
 
 def neurons_for_parameters(model: PreTrainedModel, parameters: int) -> int:
@@ -56,9 +62,13 @@ def prune_mlp_neurons(
     calibration: Batches,
     compensate: bool = False,
     damping: float = 0.01,
+    selection: str = "energy",
 ) -> PreTrainedModel:
-    """A new, smaller standard model without the `num_removed` MLP neurons of least output energy in each layer
-    (scored on the `calibration` batches: ``input_ids``, optionally ``attention_mask``); `model` is unchanged.
+    """A new, smaller standard model without `num_removed` MLP neurons in each layer, scored on the `calibration`
+    batches (``input_ids``, optionally ``attention_mask``); `model` is unchanged.
+
+    ``selection="energy"`` removes the neurons of least output energy (refitting ``down_proj`` with
+    ``compensate=True``); ``"obs"`` removes those whose loss the refit of the others compensates best, and refits.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -76,9 +86,19 @@ def prune_mlp_neurons(
         raise ValueError("prune_mlp_neurons needs at least one calibration batch to score the neurons.")
     if damping <= 0:
         raise ValueError(f"damping must be > 0, got {damping!r}.")
-    stats = mlp_statistics(model, calibration, gram=compensate)
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}.")
     kept = size - num_removed
     layers = model.model.layers
+    if selection == "obs":
+        stats = mlp_statistics(model, calibration, gram=True)
+        chosen = [obs_neuron_selection(s, layer.mlp.down_proj.weight, num_removed, damping)
+                  for s, layer in zip(stats, layers, strict=True)]
+        state = neuron_subset_state_dict(model.state_dict(), torch.stack([keep for keep, _ in chosen]))
+        for i, (_, refit) in enumerate(chosen):
+            state[f"model.layers.{i}.mlp.down_proj.weight"] = refit
+        return smaller_mlp_model(model, state, kept)
+    stats = mlp_statistics(model, calibration, gram=compensate)
     energy = [torch.diagonal(s) if compensate else s for s in stats]
     keep = torch.stack([torch.argsort(neuron_scores(e, layer), descending=True, stable=True)[:kept].sort().values
                         for e, layer in zip(energy, layers, strict=True)])
