@@ -35,11 +35,13 @@ from _meta import finish_metadata, start_metadata  # noqa: E402
 MODES = {
     "full": dict(steps=40, batch_size=4, seq_len=256, learning_rate=1e-3, baseline_learning_rate=2e-4, lora_r=8,
                  pruning_ratio=0.25, distill_weight=0.5, mask_init_samples=16, eval_tokens=16384, eval_seq_len=512,
+                 reconstruction=dict(domain_windows=64, general_windows=32, epochs=8, lr=2e-3),
                  prompt_tokens=32, new_tokens=32, prefill_tokens=512, repeats=3,
                  curve=dict(batch_size=2, seq_len=128, steps=[40, 100, 200], ratios=[0.1, 0.25, 0.4],
                             ratio_steps=100, eval_tokens=4096)),
     "quick": dict(steps=6, batch_size=2, seq_len=64, learning_rate=1e-3, baseline_learning_rate=2e-4, lora_r=4,
                   pruning_ratio=0.25, distill_weight=0.5, mask_init_samples=4, eval_tokens=1024, eval_seq_len=256,
+                  reconstruction=dict(domain_windows=4, general_windows=2, epochs=1, lr=2e-3),
                   prompt_tokens=8, new_tokens=4, prefill_tokens=64, repeats=1,
                   curve=dict(batch_size=1, seq_len=32, steps=[2, 4], ratios=[0.25, 0.5], ratio_steps=2,
                              eval_tokens=256)),
@@ -53,6 +55,8 @@ def pat_label(settings: dict, suffix: str = "") -> str:
 
 
 MLP_LABEL = "one-shot MLP neurons (same parameters) + compensation + LoRA"
+RECIPE_LABEL = "MLP neurons, OBS + reconstruction + LoRA (same parameters)"
+PARTIAL = ("dense", "dense + LoRA", MLP_LABEL, RECIPE_LABEL)  # --partial: the recipe beside its references
 NEURON_PAT_LABEL = "PAT on MLP neurons (same parameters)"
 
 
@@ -108,14 +112,17 @@ def _tune_lora(model, windows, settings: dict, collator):
     return peft_model.merge_and_unload()
 
 
-def train_models(settings: dict):
-    """Each method's tuned model (with its training time), and the tokenizer."""
+def train_models(settings: dict, only: tuple[str, ...] | None = None):
+    """Each method's tuned model (with its training time), and the tokenizer; with `only`, just those methods."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_dpruner.corpora import load_corpus_texts
     from hf_dpruner.data import CausalLMCollator, build_windows, collate_batches
-    from hf_dpruner.pat import neurons_for_parameters, prune_mlp_neurons, width_prune
+    from hf_dpruner.pat import neurons_for_parameters, prune_mlp_neurons, reconstruct_to_teacher, width_prune
     from hf_dpruner.resources import default_model_path
+
+    def wanted(label: str) -> bool:
+        return only is None or label in only
 
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -127,36 +134,59 @@ def train_models(settings: dict):
     # dense + LoRA at the benchmark's learning rate and at the previous one, so its best setting is measured
     baseline = settings["baseline_learning_rate"]
     for label, lr in (("dense + LoRA", settings["learning_rate"]), (f"dense + LoRA (lr {baseline:g})", baseline)):
-        start = time.perf_counter()
-        tuned = _tune_lora(AutoModelForCausalLM.from_pretrained(path), windows, {**settings, "learning_rate": lr},
-                           collator)
-        models[label] = {"model": tuned, "train_seconds": time.perf_counter() - start}
+        if wanted(label):
+            start = time.perf_counter()
+            tuned = _tune_lora(AutoModelForCausalLM.from_pretrained(path), windows,
+                               {**settings, "learning_rate": lr}, collator)
+            models[label] = {"model": tuned, "train_seconds": time.perf_counter() - start}
     for suffix, config in (("", {}), (" (paper: mask from zeros)", {"mask_init": "zeros"}),
                            (f" + KD {settings['distill_weight']:g}", {"distill_weight": settings["distill_weight"]})):
-        small, seconds = _tune_pat(path, tokenizer, windows, settings, **config)
-        models[pat_label(settings, suffix)] = {"model": small, "train_seconds": seconds}
+        if wanted(pat_label(settings, suffix)):
+            small, seconds = _tune_pat(path, tokenizer, windows, settings, **config)
+            models[pat_label(settings, suffix)] = {"model": small, "train_seconds": seconds}
 
     # the one-shot peers measure the importance (and fit the compensation) on the same windows PAT's mask_init uses
     calibration = collate_batches(windows.select(range(settings["mask_init_samples"])), settings["batch_size"],
                                   tokenizer.pad_token_id)
+    dense = models["dense"]["model"]
+    width_pruned = None
     for compensate in (False, True):
-        start = time.perf_counter()
-        small = width_prune(AutoModelForCausalLM.from_pretrained(path), settings["pruning_ratio"], calibration,
-                            compensate=compensate)
-        models[one_shot_label(settings, compensate)] = {"model": _tune_lora(small, windows, settings, collator),
-                                                        "train_seconds": time.perf_counter() - start}
+        if wanted(one_shot_label(settings, compensate)):
+            start = time.perf_counter()
+            width_pruned = width_prune(AutoModelForCausalLM.from_pretrained(path), settings["pruning_ratio"],
+                                       calibration, compensate=compensate)
+            models[one_shot_label(settings, compensate)] = {
+                "model": _tune_lora(width_pruned, windows, settings, collator),
+                "train_seconds": time.perf_counter() - start}
     # MLP neurons instead of hidden channels, as many parameters removed as the width-pruned model
-    start = time.perf_counter()
-    dense = AutoModelForCausalLM.from_pretrained(path)
-    removed = dense.num_parameters() - small.num_parameters()
-    neurons = neurons_for_parameters(dense, removed)
-    small = prune_mlp_neurons(dense, neurons, calibration, compensate=True)
-    models[MLP_LABEL] = {"model": _tune_lora(small, windows, settings, collator),
-                         "train_seconds": time.perf_counter() - start}
+    if width_pruned is None:
+        width_pruned = width_prune(AutoModelForCausalLM.from_pretrained(path), settings["pruning_ratio"], calibration)
+    neurons = neurons_for_parameters(dense, dense.num_parameters() - width_pruned.num_parameters())
+    if wanted(MLP_LABEL):
+        start = time.perf_counter()
+        small = prune_mlp_neurons(AutoModelForCausalLM.from_pretrained(path), neurons, calibration, compensate=True)
+        models[MLP_LABEL] = {"model": _tune_lora(small, windows, settings, collator),
+                             "train_seconds": time.perf_counter() - start}
+    # the structured recipe: the neurons chosen by OBS, each block reconstructed toward the dense one on domain and
+    # general windows, then the same LoRA steps
+    if wanted(RECIPE_LABEL):
+        recon = settings["reconstruction"]
+        start = time.perf_counter()
+        small = prune_mlp_neurons(AutoModelForCausalLM.from_pretrained(path), neurons, calibration, selection="obs")
+        general = build_windows(load_corpus_texts("general"), tokenizer, settings["seq_len"],
+                                recon["general_windows"], 0)
+        batches = (collate_batches(windows.select(range(recon["domain_windows"])), settings["batch_size"],
+                                   tokenizer.pad_token_id)
+                   + collate_batches(general, settings["batch_size"], tokenizer.pad_token_id))
+        reconstruct_to_teacher(small, AutoModelForCausalLM.from_pretrained(path), batches, epochs=recon["epochs"],
+                               lr=recon["lr"], disable_tqdm=True)
+        models[RECIPE_LABEL] = {"model": _tune_lora(small, windows, settings, collator),
+                                "train_seconds": time.perf_counter() - start}
     # PAT learning the same number of MLP neurons per layer instead of hidden channels
-    small, seconds = _tune_pat(path, tokenizer, windows, settings, axis="neurons",
-                               pruning_ratio=neurons / dense.config.intermediate_size)
-    models[NEURON_PAT_LABEL] = {"model": small, "train_seconds": seconds}
+    if wanted(NEURON_PAT_LABEL):
+        small, seconds = _tune_pat(path, tokenizer, windows, settings, axis="neurons",
+                                   pruning_ratio=neurons / dense.config.intermediate_size)
+        models[NEURON_PAT_LABEL] = {"model": small, "train_seconds": seconds}
     return models, tokenizer
 
 
@@ -238,10 +268,10 @@ def throughput(models: dict[str, dict], tokenizer, settings: dict, texts: list[s
     return {name: {kind: statistics.median(values) for kind, values in t.items()} for name, t in timings.items()}
 
 
-def measure(settings: dict) -> tuple[list[dict], dict[str, list[dict]]]:
+def measure(settings: dict, only: tuple[str, ...] | None = None) -> tuple[list[dict], dict[str, list[dict]] | None]:
     from hf_dpruner.corpora import load_corpus_texts
 
-    models, tokenizer = train_models(settings)
+    models, tokenizer = train_models(settings, only)
     eval_texts = {key: load_corpus_texts(corpus, "eval") for key, corpus in (("domain_ppl", DOMAIN),
                                                                             ("general_ppl", "general"))}
     speeds = throughput(models, tokenizer, settings, eval_texts["domain_ppl"])
@@ -257,7 +287,7 @@ def measure(settings: dict) -> tuple[list[dict], dict[str, list[dict]]]:
                      "tokens_per_s_batch1": speeds[name]["batch1"], "tokens_per_s_batch8": speeds[name]["batch8"],
                      "tokens_per_s_prefill": speeds[name]["prefill"], "train_seconds": entry["train_seconds"]})
     del models
-    return rows, curves(settings, tokenizer)
+    return rows, (curves(settings, tokenizer) if only is None else None)
 
 
 def _met(ok: bool) -> str:
@@ -271,10 +301,11 @@ def goals(rows: list[dict], settings: dict) -> list[str]:
     lora = min((r for r in rows if r["method"].startswith("dense + LoRA")), key=lambda r: r["domain_ppl"])
     peers = [r for r in rows if r["method"].startswith("one-shot")]
     lines = []
-    for label in (pat_label(settings), NEURON_PAT_LABEL):
+    names = {pat_label(settings): "PAT", NEURON_PAT_LABEL: "PAT on MLP neurons", RECIPE_LABEL: "Structured recipe"}
+    for label, name in names.items():
         if label not in by:
             continue
-        pat, name = by[label], "PAT" if label == pat_label(settings) else "PAT on MLP neurons"
+        pat = by[label]
         for key, what in (("batch8", "decoding at batch 8"), ("prefill", f"{settings['prefill_tokens']}-token prefill"),
                           ("batch1", "decoding at batch 1")):
             ratio = pat[f"tokens_per_s_{key}"] / dense[f"tokens_per_s_{key}"]
@@ -325,14 +356,14 @@ def markdown(rows: list[dict], settings: dict, curve_points: dict[str, list[dict
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], curve_points: dict[str, list[dict]], path: Path) -> None:
+def plot(rows: list[dict], curve_points: dict[str, list[dict]] | None, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8))
-    (quality, speed), (steps, ratios) = axes
+    fig, axes = plt.subplots(2 if curve_points else 1, 2, figsize=(13, 8 if curve_points else 4.5), squeeze=False)
+    quality, speed = axes[0]
     names = [r["method"].replace(" (", "\n(") for r in rows]
     x = range(len(rows))
     for offset, key in ((-0.2, "domain_ppl"), (0.2, "general_ppl")):
@@ -349,8 +380,9 @@ def plot(rows: list[dict], curve_points: dict[str, list[dict]], path: Path) -> N
     speed.set_xticks(list(x), names, fontsize=6)
     speed.set(ylabel="tokens/s vs dense", title="CPU speed (higher is better)")
     speed.legend(fontsize=7)
-    for axis, points, key, label in ((steps, curve_points["steps"], "steps", "training steps"),
-                                     (ratios, curve_points["ratios"], "pruning_ratio", "pruning ratio")):
+    curve_axes = ((axes[1][0], curve_points["steps"], "steps", "training steps"),
+                  (axes[1][1], curve_points["ratios"], "pruning_ratio", "pruning ratio")) if curve_points else ()
+    for axis, points, key, label in curve_axes:
         for metric in ("domain_ppl", "general_ppl"):
             axis.plot([p[key] for p in points], [p[metric] for p in points], marker="o", label=metric)
         axis.set_yscale("log")
@@ -366,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="CI-sized run.")
     parser.add_argument("--output-dir", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--steps", type=int, help="Override the number of training steps of the table's models.")
+    parser.add_argument("--partial", action="store_true",
+                        help="Only the structured recipe beside dense, dense + LoRA and the one-shot MLP-neuron peer, "
+                             "no curves; writes pat[-quick]-partial.*.")
     args = parser.parse_args(argv)
     metadata = start_metadata(__file__, args, argv)
     mode = "quick" if args.quick else "full"
@@ -373,10 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps:
         settings["steps"] = args.steps
     start = time.perf_counter()
-    rows, curve_points = measure(settings)
+    rows, curve_points = measure(settings, PARTIAL if args.partial else None)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "pat" if mode == "full" else "pat-quick"
+    stem = ("pat" if mode == "full" else "pat-quick") + ("-partial" if args.partial else "")
     results = {"metadata": finish_metadata(metadata), "settings": settings, "runs": rows, "curves": curve_points,
                "seconds": time.perf_counter() - start}
     (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")

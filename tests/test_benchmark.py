@@ -145,6 +145,12 @@ def test_pat_report_states_every_goal_from_rows():
     assert neuron_goals[3] == "PAT on MLP neurons domain perplexity 1.40x dense + LoRA's (goal <= 1.5x) — met."
     assert neuron_goals[4] == ("PAT on MLP neurons domain perplexity 5.0% higher than the best one-shot peer's "
                                "(one-shot 25% + LoRA; goal >= 10% lower) — MISSED.")
+    rows.append(pat_row(bench.RECIPE_LABEL, 576, 16.0, 12.0, 44.0, intermediate=887))
+    recipe_goals = bench.goals(rows, settings)[10:]
+    assert recipe_goals[3] == "Structured recipe domain perplexity 1.07x dense + LoRA's (goal <= 1.5x) — met."
+    assert recipe_goals[4] == ("Structured recipe domain perplexity 20.0% lower than the best one-shot peer's "
+                               "(one-shot 25% + LoRA; goal >= 10% lower) — met.")
+    rows.pop()
     curve = {"steps": [{"pruning_ratio": 0.25, "steps": 40, "hidden_size": 432, "domain_ppl": 50.0,
                         "general_ppl": 90.0, "train_seconds": 80.0}],
              "ratios": [{"pruning_ratio": 0.1, "steps": 100, "hidden_size": 518, "domain_ppl": 30.0,
@@ -167,6 +173,7 @@ def test_quick_pat_benchmark_writes_results(tmp_path):
              "one-shot 25% + compensation + LoRA"]
     mlp = runs.pop("one-shot MLP neurons (same parameters) + compensation + LoRA")
     neuron_pat = runs.pop("PAT on MLP neurons (same parameters)")
+    recipe = runs.pop("MLP neurons, OBS + reconstruction + LoRA (same parameters)")
     assert set(runs) == {"dense", "dense + LoRA", "dense + LoRA (lr 0.0002)", *small}
     assert runs["dense"]["hidden_size"] == 576 and all(runs[name]["hidden_size"] == 432 for name in small)
     assert all(runs[name]["parameters"] < runs["dense"]["parameters"] for name in small)
@@ -175,6 +182,9 @@ def test_quick_pat_benchmark_writes_results(tmp_path):
     # PAT on the neuron axis ends at the same size as the one-shot MLP peer
     assert (neuron_pat["hidden_size"], neuron_pat["intermediate_size"], neuron_pat["parameters"]) == \
         (576, mlp["intermediate_size"], mlp["parameters"])
+    assert (recipe["hidden_size"], recipe["intermediate_size"], recipe["parameters"]) == \
+        (576, mlp["intermediate_size"], mlp["parameters"])
+    assert recipe["domain_ppl"] > 1 and recipe["general_ppl"] > 1
     assert runs["PAT 25%"]["checkpoint_bytes"] < runs["dense"]["checkpoint_bytes"]
     assert all(r["tokens_per_s_prefill"] > 0 and r["domain_ppl"] > 1 for r in runs.values())
     curves = results["curves"]
