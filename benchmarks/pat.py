@@ -85,7 +85,7 @@ def _tune_pat(path: str, tokenizer, windows, settings: dict, **config) -> tuple:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
-    from hf_dpruner.pat import PATConfig, PATTrainer, export_pat_model
+    from hf_dpruner.pat import PATConfig, PATTrainer
 
     start = time.perf_counter()
     pat_config = PATConfig(**{"pruning_ratio": settings["pruning_ratio"], "lora_r": settings["lora_r"],
@@ -95,7 +95,7 @@ def _tune_pat(path: str, tokenizer, windows, settings: dict, **config) -> tuple:
                          pat_config=pat_config, train_dataset=Dataset.from_dict(windows.to_dict()),
                          processing_class=tokenizer)
     trainer.train()
-    return export_pat_model(trainer.model), time.perf_counter() - start
+    return trainer.export(), time.perf_counter() - start  # written to the run's temporary output folder
 
 
 def _tune_lora(model, windows, settings: dict, collator):
@@ -118,7 +118,7 @@ def train_models(settings: dict, only: tuple[str, ...] | None = None):
 
     from hf_dpruner.corpora import load_corpus_texts
     from hf_dpruner.data import CausalLMCollator, build_windows, collate_batches
-    from hf_dpruner.pat import neurons_for_parameters, prune_mlp_neurons, reconstruct_to_teacher, width_prune
+    from hf_dpruner.pat import neurons_for_parameters, prune_mlp_neurons, width_prune
     from hf_dpruner.resources import default_model_path
 
     def wanted(label: str) -> bool:
@@ -169,19 +169,17 @@ def train_models(settings: dict, only: tuple[str, ...] | None = None):
                              "train_seconds": time.perf_counter() - start}
     # the structured recipe: the neurons chosen by OBS, each block reconstructed toward the dense one on domain and
     # general windows, then the same LoRA steps
-    if wanted(RECIPE_LABEL):
+    if wanted(RECIPE_LABEL):  # the library's path: PATTrainer with strategy 'one-shot', the LoRA of every row
         recon = settings["reconstruction"]
-        start = time.perf_counter()
-        small = prune_mlp_neurons(AutoModelForCausalLM.from_pretrained(path), neurons, calibration, selection="obs")
-        general = build_windows(load_corpus_texts("general"), tokenizer, settings["seq_len"],
-                                recon["general_windows"], 0)
-        batches = (collate_batches(windows.select(range(recon["domain_windows"])), settings["batch_size"],
-                                   tokenizer.pad_token_id)
-                   + collate_batches(general, settings["batch_size"], tokenizer.pad_token_id))
-        reconstruct_to_teacher(small, AutoModelForCausalLM.from_pretrained(path), batches, epochs=recon["epochs"],
-                               lr=recon["lr"], disable_tqdm=True)
-        models[RECIPE_LABEL] = {"model": _tune_lora(small, windows, settings, collator),
-                                "train_seconds": time.perf_counter() - start}
+        small, seconds = _tune_pat(path, tokenizer, windows, settings, axis="neurons", strategy="one-shot",
+                                   pruning_ratio=neurons / dense.config.intermediate_size,
+                                   reconstruction_samples=recon["domain_windows"],
+                                   reconstruction_general_samples=recon["general_windows"],
+                                   reconstruction_epochs=recon["epochs"], reconstruction_learning_rate=recon["lr"])
+        if small.config.intermediate_size != dense.config.intermediate_size - neurons:
+            raise RuntimeError(f"the recipe kept {small.config.intermediate_size} neurons, the peer "
+                               f"{dense.config.intermediate_size - neurons}")
+        models[RECIPE_LABEL] = {"model": small, "train_seconds": seconds}
     # PAT learning the same number of MLP neurons per layer instead of hidden channels
     if wanted(NEURON_PAT_LABEL):
         small, seconds = _tune_pat(path, tokenizer, windows, settings, axis="neurons",

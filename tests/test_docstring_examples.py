@@ -17,6 +17,7 @@ ENTRY_POINTS = {  # module -> the public objects whose docstrings must hold a ru
     "hf_dpruner.pat.neuron_pruning": ["prune_mlp_neurons"],
     "hf_dpruner.pat.neuron_selection": ["obs_neuron_selection"],
     "hf_dpruner.pat.teacher_reconstruction": ["reconstruct_to_teacher"],
+    "hf_dpruner.pat.one_shot_neurons": ["prune_and_reconstruct"],
     "hf_dpruner.recovery.distillation_trainer": ["DistillationTrainer"],
 }
 

@@ -9,6 +9,7 @@ from .modules import SUPPORTED_MODEL_TYPES, PATModules, get_pat_model, get_pat_m
 from .neuron_pruning import neurons_for_parameters, prune_mlp_neurons
 from .neuron_selection import obs_neuron_selection
 from .one_shot import width_prune
+from .one_shot_neurons import prune_and_reconstruct
 from .teacher_reconstruction import reconstruct_to_teacher
 from .trainer import PATTrainer
 
@@ -25,6 +26,7 @@ __all__ = [
     "get_pat_modules",
     "neurons_for_parameters",
     "obs_neuron_selection",
+    "prune_and_reconstruct",
     "prune_mlp_neurons",
     "reconstruct_to_teacher",
     "width_prune",

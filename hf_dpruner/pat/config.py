@@ -13,6 +13,7 @@ PAT_CONFIG_NAME = "pat_config.json"
 PAT_RECORD_KEYS = ("method", "hf_dpruner_version", "base_model", "training", "export")
 MASK_INITS = ("zeros", "activation", "taylor")
 AXES = ("hidden", "neurons")
+STRATEGIES = ("learned", "one-shot")
 
 
 @dataclass
@@ -34,6 +35,31 @@ class PATConfig(RecipeConfig):
             "by HSMs after every block; export with a smaller hidden_size) or 'neurons' (MLP neurons, one mask per "
             "layer on the input of down_proj, no HSMs; export with a smaller intermediate_size)."
         },
+    )
+    strategy: str = field(
+        default="learned",
+        metadata={
+            "help": "'learned' (PAT: the mask is learned while LoRA tunes) or 'one-shot' (axis 'neurons' only: "
+            "greedy OBS removes each MLP's neurons on the first mask_init_samples windows and refits down_proj, "
+            "every pruned block is trained to reproduce the dense block (reconstruction_*), then LoRA tunes the "
+            "smaller model for the Trainer's steps; the best structured model measured, docs/pat.md)."
+        },
+    )
+    reconstruction_samples: int = field(
+        default=64,
+        metadata={"help": "strategy 'one-shot': training windows on which each pruned block learns to reproduce "
+                  "the dense block."},
+    )
+    reconstruction_general_samples: int = field(
+        default=32,
+        metadata={"help": "strategy 'one-shot': windows of the bundled general corpus added to them (they keep "
+                  "general quality; need the tokenizer as processing_class); 0: none."},
+    )
+    reconstruction_epochs: int = field(
+        default=8, metadata={"help": "strategy 'one-shot': passes over the reconstruction windows per block."}
+    )
+    reconstruction_learning_rate: float = field(
+        default=2e-3, metadata={"help": "strategy 'one-shot': Adam learning rate of the block reconstruction."}
     )
     hsm_rank: int | None = field(
         default=None,
@@ -113,6 +139,16 @@ class PATConfig(RecipeConfig):
             raise ValueError(f"mask_init must be one of {MASK_INITS}, got {self.mask_init!r}.")
         if self.axis not in AXES:
             raise ValueError(f"axis must be one of {AXES}, got {self.axis!r}.")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {self.strategy!r}.")
+        for name in ("reconstruction_samples", "reconstruction_epochs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if not isinstance(self.reconstruction_general_samples, int) or self.reconstruction_general_samples < 0:
+            raise ValueError("reconstruction_general_samples must be an integer >= 0, got "
+                             f"{self.reconstruction_general_samples!r}.")
+        if not self.reconstruction_learning_rate > 0:
+            raise ValueError(f"reconstruction_learning_rate must be > 0, got {self.reconstruction_learning_rate!r}.")
         if self.axis == "neurons" and self.mask_init == "taylor":
             raise ValueError("mask_init='taylor' scores hidden channels; with axis='neurons' use 'activation' (the "
                              "neurons' output energy) or 'zeros'.")
@@ -136,6 +172,16 @@ class PATConfig(RecipeConfig):
             self.lora_target_modules = [self.lora_target_modules]
         if self.lora_target_modules is not None and not self.lora_target_modules:
             raise ValueError("lora_target_modules is empty; leave it None for every Linear of the blocks.")
+        if self.strategy == "one-shot":
+            if self.axis != "neurons":
+                raise ValueError("strategy='one-shot' prunes MLP neurons: set axis='neurons' (one-shot removal of "
+                                 "hidden channels is `width_prune`).")
+            if self.lora_r < 1:
+                raise ValueError("strategy='one-shot' tunes the pruned model with LoRA: set lora_r >= 1 (to prune "
+                                 "and reconstruct without tuning, use `prune_and_reconstruct`).")
+            if self.distill_weight > 0:
+                raise ValueError("strategy='one-shot' does not distil during tuning (the dense model is gone by "
+                                 "then; reconstruction already trains toward it): set distill_weight=0.")
 
     def kept_channels(self, hidden_size: int) -> int:
         """Hidden channels left after pruning: ``round((1 - pruning_ratio) * hidden_size)``, at least 1."""

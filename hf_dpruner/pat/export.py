@@ -191,8 +191,29 @@ def export_pat_model(
     return small
 
 
+def export_one_shot_model(
+    model: PeftModel,
+    config: PATConfig,
+    dense: dict[str, int],
+    output_dir: str | os.PathLike | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    record: dict[str, Any] | None = None,
+) -> PreTrainedModel:
+    """The standard model of a ``strategy="one-shot"`` run: the neuron-pruned `model` with its LoRA merged (`model`
+    unchanged); with `output_dir`, saved like `export_pat_model`. `dense` holds the dense model's
+    ``intermediate_size`` and ``parameters`` for the record."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    kept = base.config.intermediate_size
+    small = smaller_mlp_model(base, merged_state_dict(base), kept)
+    if output_dir is not None:
+        _save(small, Path(output_dir), tokenizer, config, base,
+              {"intermediate_size": {"before": dense["intermediate_size"], "after": kept}}, record or {},
+              parameters_before=dense["parameters"])
+    return small
+
+
 def _save(small: PreTrainedModel, output_dir: Path, tokenizer, config: PATConfig, base: PreTrainedModel,
-          sizes: dict[str, dict[str, int]], record: dict[str, Any]) -> None:
+          sizes: dict[str, dict[str, int]], record: dict[str, Any], parameters_before: int | None = None) -> None:
     from .card import write_pat_card
 
     # weights, masks and pruning config of an earlier save to this folder would contradict the smaller model
@@ -201,7 +222,8 @@ def _save(small: PreTrainedModel, output_dir: Path, tokenizer, config: PATConfig
         small.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        export = {**sizes, "parameters": {"before": base_parameter_count(base), "after": small.num_parameters()}}
+        before = parameters_before or base_parameter_count(base)
+        export = {**sizes, "parameters": {"before": before, "after": small.num_parameters()}}
         config.save_pretrained(tmp, method="pat", hf_dpruner_version=__version__,
                                base_model=record.get("base_model", getattr(base.config, "_name_or_path", None)),
                                training=record.get("training", {}), export=export)

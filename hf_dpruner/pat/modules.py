@@ -145,6 +145,15 @@ class PATModules(nn.Module):
         return sum(losses) if losses else self.mask.logits.new_zeros(())
 
 
+def lora_model(model: PreTrainedModel, config: PATConfig) -> PeftModel:
+    """`model` with the LoRA adapters of `config` (rank, alpha, dropout, targets: every Linear by default)."""
+    lora = LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules or "all-linear", task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
 def get_pat_model(model: PreTrainedModel, config: PATConfig | None = None) -> PreTrainedModel | PeftModel:
     """Prepare `model` for Pruning-Aware Tuning: LoRA on the linear layers (unless ``config.lora_r == 0``, then the
     base weights are frozen), HSMs on the residual stream and the shared mask, all trainable.
@@ -157,11 +166,7 @@ def get_pat_model(model: PreTrainedModel, config: PATConfig | None = None) -> Pr
     hidden_size = model.config.hidden_size
     tied = embeddings_tied(model)
     if config.lora_r > 0:
-        lora = LoraConfig(
-            r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            target_modules=config.lora_target_modules or "all-linear", task_type="CAUSAL_LM",
-        )
-        wrapped = get_peft_model(model, lora)
+        wrapped = lora_model(model, config)
     else:
         model.requires_grad_(False)
         wrapped = model
