@@ -80,6 +80,7 @@ def test_one_shot_trains_lora_on_the_smaller_model_and_exports_it(tmp_path, arch
     assert record["training"]["steps"] == 12
     card = (out / "README.md").read_text()
     assert "`intermediate_size` 128 → 96" in card and '"one-shot"' in card
+    assert "one-shot neuron recipe" in card and "Optimal Brain" in card and "annealed" not in card
 
 
 def test_one_shot_errors_say_what_to_do(tmp_path):

@@ -52,6 +52,7 @@ def build_pat_card(record: dict, model_name: str, repo_id: str | None = None) ->
         removed_percent=f"{100 * ratio:.0f}%" if ratio is not None else "a fraction",
         data=training.get("data"),
         neurons=neurons,
+        one_shot=record.get("strategy") == "one-shot",
         unit="MLP neurons (in every layer)" if neurons else "hidden channels",
         size_name=size_name,
         size_before=size.get("before", "?"),

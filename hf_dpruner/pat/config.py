@@ -21,7 +21,8 @@ class PATConfig(RecipeConfig):
     """Configuration of PAT (Liu et al. 2024): HSMs on the residual stream, one shared trainable channel mask,
     Identity Loss, LoRA on the linear layers; exported as a model with a smaller ``hidden_size``. With
     ``axis="neurons"`` the masks are on the MLP neurons instead (one per layer) and the export has a smaller
-    ``intermediate_size``."""
+    ``intermediate_size``; with ``strategy="one-shot"`` no mask is learned: OBS removes the neurons and block
+    reconstruction toward the dense model precedes the LoRA steps."""
 
     pruning_ratio: float = field(
         default=0.25,

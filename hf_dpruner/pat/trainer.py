@@ -277,8 +277,8 @@ class PATTrainer(Trainer):
 
     def export(self, output_dir: str | os.PathLike | None = None, record: dict[str, Any] | None = None
                ) -> PreTrainedModel:
-        """The smaller standard model (`export_pat_model`), saved to `output_dir` (default ``args.output_dir``)
-        by the main process only."""
+        """The smaller standard model (`export_pat_model`; with strategy 'one-shot', `export_one_shot_model`), saved
+        to `output_dir` (default ``args.output_dir``) by the main process only."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         training = {"steps": self.state.global_step, "data": self.data_source,
                     "learning_rate": self.args.learning_rate}
