@@ -35,7 +35,7 @@ from _meta import finish_metadata, start_metadata  # noqa: E402
 MODES = {
     "full": dict(steps=40, batch_size=4, seq_len=256, learning_rate=1e-3, baseline_learning_rate=2e-4, lora_r=8,
                  pruning_ratio=0.25, distill_weight=0.5, mask_init_samples=16, eval_tokens=16384, eval_seq_len=512,
-                 reconstruction=dict(domain_windows=64, general_windows=32, epochs=8, lr=2e-3),
+                 reconstruction=dict(domain_windows=160, general_windows=96, epochs=8, lr=2e-3),
                  prompt_tokens=32, new_tokens=32, prefill_tokens=512, repeats=3,
                  curve=dict(batch_size=2, seq_len=128, steps=[40, 100, 200], ratios=[0.1, 0.25, 0.4],
                             ratio_steps=100, eval_tokens=4096)),

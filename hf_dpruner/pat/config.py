@@ -47,12 +47,12 @@ class PATConfig(RecipeConfig):
         },
     )
     reconstruction_samples: int = field(
-        default=64,
+        default=160,
         metadata={"help": "strategy 'one-shot': training windows on which each pruned block learns to reproduce "
                   "the dense block."},
     )
     reconstruction_general_samples: int = field(
-        default=32,
+        default=96,
         metadata={"help": "strategy 'one-shot': windows of the bundled general corpus added to them (they keep "
                   "general quality; need the tokenizer as processing_class); 0: none."},
     )
