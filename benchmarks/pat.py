@@ -3,18 +3,21 @@
     python benchmarks/pat.py            # the embedded SmolLM2-135M, medical, 25% of the hidden channels, 40 steps
     python benchmarks/pat.py --quick    # CI-sized (a few steps, short windows)
 
-Every tuned model trains the same number of AdamW steps on the same medical windows with LoRA of the same rank:
-dense + LoRA; PAT with the library's defaults; PAT as in the paper (mask logits from zeros); PAT with distillation
-from the dense model; and the one-shot structured peer (`hf_dpruner.pat.width_prune`: the channels of largest
+Every tuned model trains the same number of AdamW steps (bf16 autocast, float32 weights) on the same medical
+windows with LoRA of the same rank at the same learning rate: dense + LoRA (also at a second learning rate, so the
+goals compare against its best); PAT with the library's defaults; PAT as in the paper (mask logits from zeros); PAT
+with distillation from the dense model (when ``distill_weight`` is set: the quick run; left out of the full run to
+keep it near an hour); and the one-shot structured peer (`hf_dpruner.pat.width_prune`: the channels of largest
 activation importance, chosen once, then the same LoRA steps), also with least-squares compensation of the weights
 that read the residual stream (``compensate=True``, fitted on the same calibration windows); and MLP-neuron pruning
-(`prune_mlp_neurons`, as many parameters removed, down_proj refitted); and PAT learning that many neurons per MLP
-(``PATConfig(axis="neurons")``) instead of hidden channels. Perplexity on the
-held-out eval splits; parameters and checkpoint size of the saved models; CPU throughput of every model measured in
-this one process, interleaved, median of repeats: greedy decoding at batch 1 and 8, and the prefill of a long
-prompt. Two curves of the default PAT on smaller steps (fewer tokens per step, to fit the time budget): domain
-perplexity against the number of steps, and against the pruning ratio. Writes ``<output-dir>/pat[-quick].json``,
-``.md`` and ``.png``.
+(`prune_mlp_neurons`, as many parameters removed, down_proj refitted); PAT learning that many neurons per MLP
+(``PATConfig(axis="neurons")``) instead of hidden channels; and the structured recipe
+(``PATConfig(axis="neurons", strategy="one-shot")``: OBS neurons, block reconstruction, then the same LoRA steps).
+Perplexity on the held-out eval splits; parameters and checkpoint size of the saved models; CPU throughput of every
+model measured in this one process, interleaved, median of repeats: greedy decoding at batch 1 and 8, and the
+prefill of a long prompt. Two curves of the default PAT on smaller steps (fewer tokens per step, to fit the time
+budget): domain perplexity against the number of steps, and against the pruning ratio. Writes
+``<output-dir>/pat[-quick][-partial].json``, ``.md`` and ``.png``.
 """
 
 from __future__ import annotations
@@ -33,14 +36,16 @@ if str(_HERE) not in sys.path:  # run as a script or loaded by path from the tes
 from _meta import finish_metadata, start_metadata  # noqa: E402
 
 MODES = {
-    "full": dict(steps=40, batch_size=4, seq_len=256, learning_rate=1e-3, baseline_learning_rate=2e-4, lora_r=8,
-                 pruning_ratio=0.25, distill_weight=0.5, mask_init_samples=16, eval_tokens=16384, eval_seq_len=512,
+    "full": dict(steps=40, batch_size=4, seq_len=256, learning_rate=3e-3, baseline_learning_rate=5e-3, bf16=True,
+                 lora_r=8, pruning_ratio=0.25, distill_weight=None, mask_init_samples=16,
+                 eval_tokens=16384, eval_seq_len=512,
                  reconstruction=dict(domain_windows=160, general_windows=96, epochs=8, lr=2e-3),
                  prompt_tokens=32, new_tokens=32, prefill_tokens=512, repeats=3,
                  curve=dict(batch_size=2, seq_len=128, steps=[40, 100, 200], ratios=[0.1, 0.25, 0.4],
                             ratio_steps=100, eval_tokens=4096)),
-    "quick": dict(steps=6, batch_size=2, seq_len=64, learning_rate=1e-3, baseline_learning_rate=2e-4, lora_r=4,
-                  pruning_ratio=0.25, distill_weight=0.5, mask_init_samples=4, eval_tokens=1024, eval_seq_len=256,
+    "quick": dict(steps=6, batch_size=2, seq_len=64, learning_rate=3e-3, baseline_learning_rate=5e-3, bf16=True,
+                  lora_r=4, pruning_ratio=0.25, distill_weight=0.5, mask_init_samples=4,
+                  eval_tokens=1024, eval_seq_len=256,
                   reconstruction=dict(domain_windows=4, general_windows=2, epochs=1, lr=2e-3),
                   prompt_tokens=8, new_tokens=4, prefill_tokens=64, repeats=1,
                   curve=dict(batch_size=1, seq_len=32, steps=[2, 4], ratios=[0.25, 0.5], ratio_steps=2,
@@ -65,10 +70,14 @@ def one_shot_label(settings: dict, compensate: bool = False) -> str:
 
 
 def _training_args(settings: dict, **overrides):
+    """The Trainer's arguments of every tuned row: bf16 mixed precision when ``settings["bf16"]`` (autocast; the
+    weights, LoRA and optimizer stay float32), on the CPU unless CUDA is there."""
+    import torch
     from transformers import TrainingArguments
 
     values = dict(max_steps=settings["steps"], per_device_train_batch_size=settings["batch_size"],
-                  learning_rate=settings["learning_rate"], save_strategy="no", report_to="none", disable_tqdm=True,
+                  learning_rate=settings["learning_rate"], bf16=settings["bf16"],
+                  use_cpu=not torch.cuda.is_available(), save_strategy="no", report_to="none", disable_tqdm=True,
                   logging_strategy="no", seed=0)
     return TrainingArguments(tempfile.mkdtemp(prefix="bench-pat-"), **{**values, **overrides})
 
@@ -131,7 +140,7 @@ def train_models(settings: dict, only: tuple[str, ...] | None = None):
     collator = CausalLMCollator(tokenizer.pad_token_id)
     models: dict[str, dict] = {"dense": {"model": AutoModelForCausalLM.from_pretrained(path), "train_seconds": 0.0}}
 
-    # dense + LoRA at the benchmark's learning rate and at the previous one, so its best setting is measured
+    # dense + LoRA at the benchmark's learning rate and at a second one, so the goals compare against its best
     baseline = settings["baseline_learning_rate"]
     for label, lr in (("dense + LoRA", settings["learning_rate"]), (f"dense + LoRA (lr {baseline:g})", baseline)):
         if wanted(label):
@@ -139,8 +148,10 @@ def train_models(settings: dict, only: tuple[str, ...] | None = None):
             tuned = _tune_lora(AutoModelForCausalLM.from_pretrained(path), windows,
                                {**settings, "learning_rate": lr}, collator)
             models[label] = {"model": tuned, "train_seconds": time.perf_counter() - start}
-    for suffix, config in (("", {}), (" (paper: mask from zeros)", {"mask_init": "zeros"}),
-                           (f" + KD {settings['distill_weight']:g}", {"distill_weight": settings["distill_weight"]})):
+    variants = [("", {}), (" (paper: mask from zeros)", {"mask_init": "zeros"})]
+    if settings["distill_weight"]:
+        variants.append((f" + KD {settings['distill_weight']:g}", {"distill_weight": settings["distill_weight"]}))
+    for suffix, config in variants:
         if wanted(pat_label(settings, suffix)):
             small, seconds = _tune_pat(path, tokenizer, windows, settings, **config)
             models[pat_label(settings, suffix)] = {"model": small, "train_seconds": seconds}
@@ -322,12 +333,14 @@ def goals(rows: list[dict], settings: dict) -> list[str]:
 
 
 def markdown(rows: list[dict], settings: dict, curve_points: dict[str, list[dict]] | None = None) -> str:
-    lines = [f"Embedded SmolLM2-135M, {DOMAIN}; {settings['steps']} AdamW steps of {settings['batch_size']} x "
-             f"{settings['seq_len']} tokens, lr {settings['learning_rate']}, LoRA r {settings['lora_r']} on every "
-             f"linear layer for each tuned model. Perplexity: first {settings['eval_tokens']} tokens of each eval "
-             f"split, windows of {settings['eval_seq_len']}. Speed: greedy decoding of {settings['new_tokens']} "
-             f"tokens after a {settings['prompt_tokens']}-token prompt, and one forward over a "
-             f"{settings['prefill_tokens']}-token prompt; median of {settings['repeats']}, all models in one process.",
+    precision = " (bf16 autocast)" if settings.get("bf16") else ""
+    lines = [f"Embedded SmolLM2-135M, {DOMAIN}; {settings['steps']} AdamW steps{precision} of "
+             f"{settings['batch_size']} x {settings['seq_len']} tokens, lr {settings['learning_rate']}, "
+             f"LoRA r {settings['lora_r']} on every linear layer for each tuned model. Perplexity: first "
+             f"{settings['eval_tokens']} tokens of each eval split, windows of {settings['eval_seq_len']}. Speed: "
+             f"greedy decoding of {settings['new_tokens']} tokens after a {settings['prompt_tokens']}-token prompt, "
+             f"and one forward over a {settings['prefill_tokens']}-token prompt; median of {settings['repeats']}, "
+             f"all models in one process.",
              "",
              "| method | hidden | MLP | domain ppl | general ppl | parameters | checkpoint MiB | tok/s b1 | tok/s b8 | "
              "prefill tok/s | train (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]

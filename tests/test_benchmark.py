@@ -174,7 +174,7 @@ def test_quick_pat_benchmark_writes_results(tmp_path):
     mlp = runs.pop("one-shot MLP neurons (same parameters) + compensation + LoRA")
     neuron_pat = runs.pop("PAT on MLP neurons (same parameters)")
     recipe = runs.pop("MLP neurons, OBS + reconstruction + LoRA (same parameters)")
-    assert set(runs) == {"dense", "dense + LoRA", "dense + LoRA (lr 0.0002)", *small}
+    assert set(runs) == {"dense", "dense + LoRA", "dense + LoRA (lr 0.005)", *small}
     assert runs["dense"]["hidden_size"] == 576 and all(runs[name]["hidden_size"] == 432 for name in small)
     assert all(runs[name]["parameters"] < runs["dense"]["parameters"] for name in small)
     # the MLP peer keeps the hidden size and removes as many parameters (to a neuron's worth) as width pruning
