@@ -101,6 +101,10 @@ def test_config_validation_and_round_trip(tmp_path):
     config = PATConfig(pruning_ratio=0.5, hsm_rank=3, lora_target_modules="q_proj")
     assert config.lora_target_modules == ["q_proj"]
     assert config.kept_channels(576) == 288 and PATConfig().rank_for(576) == 29
+    # the hidden axis keeps a multiple of the heads: 0.9 x 576 = 518.4 -> 522 = 58 x 9 (SmolLM2's 9 heads)
+    assert PATConfig(pruning_ratio=0.1).kept_channels(576, multiple_of=9) == 522
+    assert PATConfig(pruning_ratio=0.4).kept_channels(576, multiple_of=9) == 342
+    assert PATConfig(pruning_ratio=0.99).kept_channels(576, multiple_of=9) == 9
     config.save_pretrained(tmp_path, method="pat")
     assert PATConfig.from_pretrained(tmp_path) == config
     with pytest.raises(ValueError, match="Unknown PATConfig keys"):

@@ -14,6 +14,7 @@ from hf_dpruner.commands.cli import main
 from hf_dpruner.pat import (
     PAT_CONFIG_NAME,
     PATConfig,
+    export_pat_model,
     prune_and_reconstruct,
     prune_mlp_neurons,
     reconstruct_to_teacher,
@@ -81,6 +82,9 @@ def test_one_shot_trains_lora_on_the_smaller_model_and_exports_it(tmp_path, arch
     card = (out / "README.md").read_text()
     assert "`intermediate_size` 128 → 96" in card and '"one-shot"' in card
     assert "one-shot neuron recipe" in card and "Optimal Brain" in card and "annealed" not in card
+    with pytest.raises(ValueError, match="'one-shot'\\) has none: export it with PATTrainer.export"):
+        export_pat_model(trainer.model, tmp_path / "wrong")  # the masked-model export does not apply here
+    assert not (tmp_path / "wrong").exists()
 
 
 def test_one_shot_errors_say_what_to_do(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from transformers import TrainingArguments
+from transformers import AutoModelForCausalLM, TrainingArguments
 
 from hf_dpruner.distillation import distillation_loss_sum
 from hf_dpruner.pat import PATConfig, PATTrainer, get_pat_model, get_pat_modules, width_prune
@@ -121,6 +121,18 @@ def test_width_prune_keeps_the_important_channels_and_computes_the_masked_models
     with torch.no_grad(), get_pat_modules(pat_model).fixed_gate(gate):
         expected = pat_model(input_ids=x).logits
     torch.testing.assert_close(small(input_ids=x).logits, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_hidden_pruning_keeps_a_multiple_of_the_heads_so_the_export_saves_and_loads(tmp_path):
+    # 72 channels, 9 heads of 8: 10% leaves 64.8 channels, which transformers refuses (not a multiple of 9)
+    model = build_tiny("llama", hidden_size=72, num_attention_heads=9, num_key_value_heads=3)
+    small = width_prune(model, 0.1, make_batches(2))
+    assert small.config.hidden_size == 63
+    small.save_pretrained(tmp_path / "width")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "width").config.hidden_size == 63
+    pat = get_pat_modules(get_pat_model(build_tiny("llama", hidden_size=72, num_attention_heads=9,
+                                                   num_key_value_heads=3), PATConfig(pruning_ratio=0.1)))
+    assert pat.mask.num_kept == 63
 
 
 def test_width_prune_measures_the_activation_importance_and_checks_its_input():

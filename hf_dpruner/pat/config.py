@@ -27,7 +27,8 @@ class PATConfig(RecipeConfig):
     pruning_ratio: float = field(
         default=0.25,
         metadata={"help": "Fraction of the hidden channels (axis 'hidden') or of each MLP's neurons (axis 'neurons') "
-                  "removed, in (0, 1)."},
+                  "removed, in (0, 1). Axis 'hidden' keeps the nearest multiple of num_attention_heads (transformers "
+                  "requires hidden_size to be one)."},
     )
     axis: str = field(
         default="hidden",
@@ -184,9 +185,12 @@ class PATConfig(RecipeConfig):
                 raise ValueError("strategy='one-shot' does not distil during tuning (the dense model is gone by "
                                  "then; reconstruction already trains toward it): set distill_weight=0.")
 
-    def kept_channels(self, hidden_size: int) -> int:
-        """Hidden channels left after pruning: ``round((1 - pruning_ratio) * hidden_size)``, at least 1."""
-        return max(1, min(hidden_size, round((1.0 - self.pruning_ratio) * hidden_size)))
+    def kept_channels(self, hidden_size: int, multiple_of: int = 1) -> int:
+        """Channels left after pruning: ``(1 - pruning_ratio) * hidden_size`` rounded to the nearest multiple of
+        `multiple_of` (transformers requires ``hidden_size`` to be a multiple of ``num_attention_heads``), at least
+        `multiple_of`, at most `hidden_size`."""
+        kept = multiple_of * round((1.0 - self.pruning_ratio) * hidden_size / multiple_of)
+        return max(multiple_of, min(hidden_size, kept))
 
     def rank_for(self, hidden_size: int) -> int:
         return self.hsm_rank if self.hsm_rank is not None else max(1, round(0.05 * hidden_size))

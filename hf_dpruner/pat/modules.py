@@ -202,7 +202,8 @@ def _pat_modules(model: PreTrainedModel, config: PATConfig, tied: bool) -> PATMo
     rank = config.rank_for(hidden)
     hsms = {site.key: HybridSparsificationModule(hidden, rank, transform=not (site.key == "embed" and tied))
             for site in sites}
-    mask = SharedChannelMask(hidden, config.kept_channels(hidden), config.mask_warmup_fraction)
+    kept = config.kept_channels(hidden, multiple_of=model.config.num_attention_heads)
+    mask = SharedChannelMask(hidden, kept, config.mask_warmup_fraction)
     return PATModules(config, mask, sites, hsms)
 
 
@@ -212,6 +213,7 @@ def get_pat_modules(model: nn.Module, required: bool = True) -> PATModules | Non
     pat = getattr(base, PAT_ATTRIBUTE, None)
     if pat is None and required:
         raise ValueError(
-            f"{type(model).__name__} has no PAT modules: prepare it with hf_dpruner.pat.get_pat_model(model, config)."
+            f"{type(model).__name__} has no PAT modules: prepare it with hf_dpruner.pat.get_pat_model(model, config). "
+            "A model trained with PATConfig(strategy='one-shot') has none: export it with PATTrainer.export()."
         )
     return pat

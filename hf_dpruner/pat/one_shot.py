@@ -51,7 +51,8 @@ def width_prune(
     if not isinstance(compensation_rounds, int) or compensation_rounds < 1:
         raise ValueError(f"compensation_rounds must be an integer >= 1, got {compensation_rounds!r}.")
     hidden = model.config.hidden_size
-    kept = PATConfig(pruning_ratio=pruning_ratio, lora_r=0).kept_channels(hidden)
+    heads = model.config.num_attention_heads  # the smaller hidden size must stay a multiple of it
+    kept = PATConfig(pruning_ratio=pruning_ratio, lora_r=0).kept_channels(hidden, multiple_of=heads)
     if importance is None:
         importance = activation_channel_importance(model, calibration)
     if importance.shape != (hidden,):
