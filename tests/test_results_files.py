@@ -25,7 +25,6 @@ RERUN = {  # the command that re-measures each results file the README and docs 
     "memory": "python benchmarks/memory.py --variants default score-pass bf16-importance score-pass-bf16 "
               "dpruner-recon sparsegpt",
     "pat": "python benchmarks/pat.py",
-    "pat-partial": "python benchmarks/pat.py --partial",  # the structured recipe beside its references
     "recovery": "hf-dpruner prune --domain medical --sparsity 0.5 --output-dir out/smollm2-med-50 && "
                 "python benchmarks/recovery.py --pruned out/smollm2-med-50",
     "cli": "python benchmarks/cli.py --tasks dpruner_mmlu_medical",  # MMLU (lm-eval extra) on the default variant
@@ -257,13 +256,6 @@ def readme_figures() -> list[tuple[str, str]]:
         (f"mask collapses at this learning rate ({paper['domain_ppl']:.2f}", "pat.json"),
         (f"it is {small['tokens_per_s_prefill'] / big['tokens_per_s_prefill']:.2f}× faster to prefill", "pat.json"),
     ]
-
-    partial = _results("pat-partial")
-    text = pat_bench.markdown(partial["runs"], partial["settings"], None)
-    figures += [(line, "pat-partial.json") for line in text.splitlines()
-                if line.startswith("| ") and not line.startswith(("| method", "|---"))]
-    figures += [(goal, "pat-partial.json") for goal in pat_bench.goals(partial["runs"], partial["settings"])]
-    figures.append((f"{partial['seconds'] / 60:.0f} minutes on", "pat-partial.json"))
     return figures
 
 
