@@ -14,7 +14,8 @@ that read the residual stream (``compensate=True``, fitted on the same calibrati
 (``PATConfig(axis="neurons")``) instead of hidden channels; and the structured recipe
 (``PATConfig(axis="neurons", strategy="one-shot")``: OBS neurons, block reconstruction, then the same LoRA steps).
 Perplexity on the held-out eval splits; parameters and checkpoint size of the saved models; CPU throughput of every
-model measured in this one process, interleaved, median of repeats: greedy decoding at batch 1 and 8, and the
+saved model, loaded with ``from_pretrained`` in one fresh process (so the training before cannot tilt the timings),
+interleaved, median of repeats: greedy decoding at batch 1 and 8, and the
 prefill of a long prompt. Two curves of the default PAT on smaller steps (fewer tokens per step, to fit the time
 budget): domain perplexity against the number of steps, and against the pruning ratio. Writes
 ``<output-dir>/pat[-quick][-partial].json``, ``.md`` and ``.png``.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -80,13 +82,6 @@ def _training_args(settings: dict, **overrides):
                   use_cpu=not torch.cuda.is_available(), save_strategy="no", report_to="none", disable_tqdm=True,
                   logging_strategy="no", seed=0)
     return TrainingArguments(tempfile.mkdtemp(prefix="bench-pat-"), **{**values, **overrides})
-
-
-def _checkpoint_bytes(model) -> int:
-    """Bytes of the saved ``*.safetensors`` files (weights, and masks for a pruned model)."""
-    with tempfile.TemporaryDirectory(prefix="bench-pat-save-") as folder:
-        model.save_pretrained(folder)
-        return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
 def _tune_pat(path: str, tokenizer, windows, settings: dict, **config) -> tuple:
@@ -277,25 +272,57 @@ def throughput(models: dict[str, dict], tokenizer, settings: dict, texts: list[s
     return {name: {kind: statistics.median(values) for kind, values in t.items()} for name, t in timings.items()}
 
 
+def throughput_in_fresh_process(folders: dict[str, str], settings: dict) -> dict[str, dict[str, float]]:
+    """`throughput` of the models saved in `folders` (name -> folder), loaded with ``from_pretrained`` in a new
+    Python process, as a user loads them: whatever training left in this process (a fragmented heap, copies of the
+    weights) cannot tilt one model's timings against another's."""
+    with tempfile.TemporaryDirectory(prefix="bench-pat-speed-") as tmp:
+        spec, out = Path(tmp) / "spec.json", Path(tmp) / "speeds.json"
+        spec.write_text(json.dumps({"folders": folders, "settings": settings}))
+        done = subprocess.run([sys.executable, __file__, "--throughput-worker", str(spec), "--result", str(out)])
+        if done.returncode != 0:
+            raise RuntimeError(f"the throughput worker failed with exit code {done.returncode}")
+        return json.loads(out.read_text())
+
+
+def throughput_worker(spec_path: str, result_path: str) -> None:
+    """The worker of `throughput_in_fresh_process`: load every folder, time them, write the speeds as JSON."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_dpruner.corpora import load_corpus_texts
+    from hf_dpruner.resources import default_model_path
+
+    spec = json.loads(Path(spec_path).read_text())
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path())
+    models = {name: {"model": AutoModelForCausalLM.from_pretrained(folder)} for name, folder in spec["folders"].items()}
+    speeds = throughput(models, tokenizer, spec["settings"], load_corpus_texts(DOMAIN, "eval"))
+    Path(result_path).write_text(json.dumps(speeds, indent=2))
+
+
 def measure(settings: dict, only: tuple[str, ...] | None = None) -> tuple[list[dict], dict[str, list[dict]] | None]:
     from hf_dpruner.corpora import load_corpus_texts
 
     models, tokenizer = train_models(settings, only)
     eval_texts = {key: load_corpus_texts(corpus, "eval") for key, corpus in (("domain_ppl", DOMAIN),
                                                                             ("general_ppl", "general"))}
-    speeds = throughput(models, tokenizer, settings, eval_texts["domain_ppl"])
-    rows = []
-    for name, entry in models.items():
-        model = entry["model"]
-        ppl = _perplexities(model, tokenizer, eval_texts, settings["eval_seq_len"], settings["eval_tokens"])
-        size = _checkpoint_bytes(model)
-        nonzero = sum(int((p != 0).sum()) for p in model.parameters())
-        rows.append({"method": name, **ppl, "parameters": model.num_parameters(), "nonzero_parameters": nonzero,
-                     "hidden_size": model.config.hidden_size, "intermediate_size": model.config.intermediate_size,
-                     "checkpoint_bytes": size,
-                     "tokens_per_s_batch1": speeds[name]["batch1"], "tokens_per_s_batch8": speeds[name]["batch8"],
-                     "tokens_per_s_prefill": speeds[name]["prefill"], "train_seconds": entry["train_seconds"]})
-    del models
+    rows, folders = [], {}
+    with tempfile.TemporaryDirectory(prefix="bench-pat-models-") as run_dir:
+        for index, name in enumerate(list(models)):  # each model leaves memory once measured and saved
+            entry = models.pop(name)
+            model = entry["model"]
+            ppl = _perplexities(model, tokenizer, eval_texts, settings["eval_seq_len"], settings["eval_tokens"])
+            folders[name] = str(Path(run_dir) / str(index))
+            model.save_pretrained(folders[name])
+            size = sum(f.stat().st_size for f in Path(folders[name]).glob("*.safetensors"))
+            nonzero = sum(int((p != 0).sum()) for p in model.parameters())
+            rows.append({"method": name, **ppl, "parameters": model.num_parameters(), "nonzero_parameters": nonzero,
+                         "hidden_size": model.config.hidden_size,
+                         "intermediate_size": model.config.intermediate_size, "checkpoint_bytes": size,
+                         "train_seconds": entry["train_seconds"]})
+            del model, entry
+        speeds = throughput_in_fresh_process(folders, settings)
+    for row in rows:
+        row.update({f"tokens_per_s_{kind}": speeds[row["method"]][kind] for kind in ("batch1", "batch8", "prefill")})
     return rows, (curves(settings, tokenizer) if only is None else None)
 
 
@@ -340,7 +367,7 @@ def markdown(rows: list[dict], settings: dict, curve_points: dict[str, list[dict
              f"{settings['eval_tokens']} tokens of each eval split, windows of {settings['eval_seq_len']}. Speed: "
              f"greedy decoding of {settings['new_tokens']} tokens after a {settings['prompt_tokens']}-token prompt, "
              f"and one forward over a {settings['prefill_tokens']}-token prompt; median of {settings['repeats']}, "
-             f"all models in one process.",
+             f"the saved models loaded side by side in one fresh process.",
              "",
              "| method | hidden | MLP | domain ppl | general ppl | parameters | checkpoint MiB | tok/s b1 | tok/s b8 | "
              "prefill tok/s | train (s) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -412,7 +439,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--partial", action="store_true",
                         help="Only the structured recipe beside dense, dense + LoRA and the one-shot MLP-neuron peer, "
                              "no curves; writes pat[-quick]-partial.*.")
+    parser.add_argument("--throughput-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.throughput_worker:
+        throughput_worker(args.throughput_worker, args.result)
+        return 0
     metadata = start_metadata(__file__, args, argv)
     mode = "quick" if args.quick else "full"
     settings = dict(MODES[mode])
