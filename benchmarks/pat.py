@@ -3,21 +3,22 @@
     python benchmarks/pat.py            # the embedded SmolLM2-135M, medical, 25% of the hidden channels, 40 steps
     python benchmarks/pat.py --quick    # CI-sized (a few steps, short windows)
 
-Every tuned model trains the same number of AdamW steps (bf16 autocast, float32 weights) on the same medical
-windows with LoRA of the same rank at the same learning rate: dense + LoRA (also at a second learning rate, so the
-goals compare against its best); PAT with the library's defaults; PAT as in the paper (mask logits from zeros); PAT
-with distillation from the dense model (when ``distill_weight`` is set: the quick run; left out of the full run to
-keep it near an hour); and the one-shot structured peer (`hf_dpruner.pat.width_prune`: the channels of largest
-activation importance, chosen once, then the same LoRA steps), also with least-squares compensation of the weights
-that read the residual stream (``compensate=True``, fitted on the same calibration windows); and MLP-neuron pruning
-(`prune_mlp_neurons`, as many parameters removed, down_proj refitted); PAT learning that many neurons per MLP
-(``PATConfig(axis="neurons")``) instead of hidden channels; and the structured recipe
+Every tuned model trains the same number of AdamW steps (bf16 autocast, float32 weights) on the same medical windows
+with LoRA of the same rank at the same learning rate: dense + LoRA (also at a second learning rate, so the goals
+compare against its best); PAT learning a mask on the hidden channels (the paper's axis, the mask started from
+activation importance); PAT as in the paper (mask logits from zeros); PAT with distillation from the dense model
+(when ``distill_weight`` is set: the quick run; left out of the full run to keep it near an hour); and the one-shot
+structured peer (`hf_dpruner.pat.width_prune`: the channels of largest activation importance, chosen once, then the
+same LoRA steps), also with least-squares compensation of the weights that read the residual stream
+(``compensate=True``, fitted on the same calibration windows); and MLP-neuron pruning (`prune_mlp_neurons`, as many
+parameters removed, down_proj refitted); PAT learning that many neurons per MLP (``PATConfig(axis="neurons",
+strategy="learned")``) instead of hidden channels; and the structured recipe, the library's default
 (``PATConfig(axis="neurons", strategy="one-shot")``: OBS neurons, block reconstruction, then the same LoRA steps).
 Perplexity on the held-out eval splits; parameters and checkpoint size of the saved models; CPU throughput of every
 saved model, loaded with ``from_pretrained`` in one fresh process (so the training before cannot tilt the timings),
-interleaved, median of repeats: greedy decoding at batch 1 and 8, and the
-prefill of a long prompt. Two curves of the default PAT on smaller steps (fewer tokens per step, to fit the time
-budget): domain perplexity against the number of steps, and against the pruning ratio. Writes
+interleaved, median of repeats: greedy decoding at batch 1 and 8, and the prefill of a long prompt. Two curves of
+PAT (learned hidden-channel mask) on smaller steps (fewer tokens per step, to fit the time budget): domain
+perplexity against the number of steps, and against the pruning ratio. Writes
 ``<output-dir>/pat[-quick][-partial].json``, ``.md`` and ``.png``.
 """
 
@@ -85,14 +86,16 @@ def _training_args(settings: dict, **overrides):
 
 
 def _tune_pat(path: str, tokenizer, windows, settings: dict, **config) -> tuple:
-    """PAT with `config` over the library defaults; the exported smaller model and the training seconds."""
+    """PAT with `config` over PAT's learned mask on the hidden channels (the paper's PAT, with the library's other
+    defaults); the exported smaller model and the training seconds."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
 
     from hf_dpruner.pat import PATConfig, PATTrainer
 
     start = time.perf_counter()
-    pat_config = PATConfig(**{"pruning_ratio": settings["pruning_ratio"], "lora_r": settings["lora_r"],
+    pat_config = PATConfig(**{"axis": "hidden", "strategy": "learned",
+                              "pruning_ratio": settings["pruning_ratio"], "lora_r": settings["lora_r"],
                               "lora_alpha": 2 * settings["lora_r"], "mask_init_samples": settings["mask_init_samples"],
                               **config})
     trainer = PATTrainer(model=AutoModelForCausalLM.from_pretrained(path), args=_training_args(settings),
@@ -195,8 +198,8 @@ def train_models(settings: dict, only: tuple[str, ...] | None = None):
 
 
 def curves(settings: dict, tokenizer) -> dict[str, list[dict]]:
-    """The default PAT's domain/general perplexity against the steps (at the benchmark's ratio) and against the
-    ratio (at ``ratio_steps``), on the curve's smaller batches."""
+    """PAT's (learned hidden-channel mask) domain/general perplexity against the steps (at the benchmark's ratio)
+    and against the ratio (at ``ratio_steps``), on the curve's smaller batches."""
     from hf_dpruner.corpora import load_corpus_texts
     from hf_dpruner.data import build_windows
     from hf_dpruner.resources import default_model_path
@@ -337,7 +340,8 @@ def goals(rows: list[dict], settings: dict) -> list[str]:
     lora = min((r for r in rows if r["method"].startswith("dense + LoRA")), key=lambda r: r["domain_ppl"])
     peers = [r for r in rows if r["method"].startswith("one-shot")]
     lines = []
-    names = {pat_label(settings): "PAT", NEURON_PAT_LABEL: "PAT on MLP neurons", RECIPE_LABEL: "Structured recipe"}
+    names = {pat_label(settings): "PAT", NEURON_PAT_LABEL: "PAT on MLP neurons",
+             RECIPE_LABEL: "The default recipe (PATConfig())"}
     for label, name in names.items():
         if label not in by:
             continue
@@ -380,8 +384,8 @@ def markdown(rows: list[dict], settings: dict, curve_points: dict[str, list[dict
     lines += [""] + [f"- {g}" for g in goals(rows, settings)]
     if curve_points:
         curve = settings["curve"]
-        lines += ["", f"Curves of the default PAT ({curve['batch_size']} x {curve['seq_len']} tokens per step, "
-                  f"perplexity on the first {curve['eval_tokens']} tokens):", "",
+        lines += ["", f"Curves of PAT, learned mask on the hidden channels ({curve['batch_size']} x "
+                  f"{curve['seq_len']} tokens per step, perplexity on the first {curve['eval_tokens']} tokens):", "",
                   "| pruning ratio | steps | hidden | domain ppl | general ppl | train (s) |",
                   "|---|---|---|---|---|---|"]
         seen = set()
@@ -424,7 +428,7 @@ def plot(rows: list[dict], curve_points: dict[str, list[dict]] | None, path: Pat
         for metric in ("domain_ppl", "general_ppl"):
             axis.plot([p[key] for p in points], [p[metric] for p in points], marker="o", label=metric)
         axis.set_yscale("log")
-        axis.set(xlabel=label, ylabel="perplexity (log)", title=f"default PAT: perplexity vs {label}")
+        axis.set(xlabel=label, ylabel="perplexity (log)", title=f"PAT (hidden channels): perplexity vs {label}")
         axis.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

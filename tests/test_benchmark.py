@@ -147,9 +147,10 @@ def test_pat_report_states_every_goal_from_rows():
                                "(one-shot 25% + LoRA; goal >= 10% lower) — MISSED.")
     rows.append(pat_row(bench.RECIPE_LABEL, 576, 16.0, 12.0, 44.0, intermediate=887))
     recipe_goals = bench.goals(rows, settings)[10:]
-    assert recipe_goals[3] == "Structured recipe domain perplexity 1.07x dense + LoRA's (goal <= 1.5x) — met."
-    assert recipe_goals[4] == ("Structured recipe domain perplexity 20.0% lower than the best one-shot peer's "
-                               "(one-shot 25% + LoRA; goal >= 10% lower) — met.")
+    assert recipe_goals[3] == ("The default recipe (PATConfig()) domain perplexity 1.07x dense + LoRA's (goal <= "
+                               "1.5x) — met.")
+    assert recipe_goals[4] == ("The default recipe (PATConfig()) domain perplexity 20.0% lower than the best one-shot "
+                               "peer's (one-shot 25% + LoRA; goal >= 10% lower) — met.")
     rows.pop()
     curve = {"steps": [{"pruning_ratio": 0.25, "steps": 40, "hidden_size": 432, "domain_ppl": 50.0,
                         "general_ppl": 90.0, "train_seconds": 80.0}],

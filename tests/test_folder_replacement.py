@@ -31,7 +31,7 @@ from hf_dpruner.pat.modules import get_pat_modules
 from hf_dpruner.targets import find_prunable_weights
 from hf_dpruner.utils import repair_folder, replacing_folder
 
-from testing_utils import build_tiny
+from testing_utils import PAT_LEARNED, build_tiny
 
 
 class Crash(BaseException):
@@ -139,7 +139,7 @@ def pruned_tiny(seed: int) -> torch.nn.Module:
 
 
 def pat_export(seed: int) -> Callable[[Path], None]:
-    model = get_pat_model(build_tiny("llama", seed=seed), PATConfig(lora_r=0, hsm_rank=2))
+    model = get_pat_model(build_tiny("llama", seed=seed), PATConfig(**PAT_LEARNED, lora_r=0, hsm_rank=2))
     get_pat_modules(model).mask.set_progress(10, 10)
     return lambda out: export_pat_model(model, out)
 

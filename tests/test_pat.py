@@ -24,7 +24,7 @@ from hf_dpruner.pat import (
 )
 from hf_dpruner.pat.export import logger as export_logger
 
-from testing_utils import build_tiny, export_with_masked_logits, make_windows, pat_trainer, text
+from testing_utils import PAT_LEARNED, build_tiny, export_with_masked_logits, make_windows, pat_trainer, text
 
 
 def test_new_hsm_with_open_gate_is_exactly_the_identity():
@@ -98,15 +98,21 @@ def test_config_validation_and_round_trip(tmp_path):
                          ({"lora_target_modules": []}, "lora_target_modules")]:
         with pytest.raises(ValueError, match=message):
             PATConfig(**bad)
-    config = PATConfig(pruning_ratio=0.5, hsm_rank=3, lora_target_modules="q_proj")
+    config = PATConfig(**PAT_LEARNED, pruning_ratio=0.5, hsm_rank=3, lora_target_modules="q_proj")
     assert config.lora_target_modules == ["q_proj"]
     assert config.kept_channels(576) == 288 and PATConfig().rank_for(576) == 29
     # the hidden axis keeps a multiple of the heads: 0.9 x 576 = 518.4 -> 522 = 58 x 9 (SmolLM2's 9 heads)
-    assert PATConfig(pruning_ratio=0.1).kept_channels(576, multiple_of=9) == 522
-    assert PATConfig(pruning_ratio=0.4).kept_channels(576, multiple_of=9) == 342
-    assert PATConfig(pruning_ratio=0.99).kept_channels(576, multiple_of=9) == 9
+    assert PATConfig(**PAT_LEARNED, pruning_ratio=0.1).kept_channels(576, multiple_of=9) == 522
+    assert PATConfig(**PAT_LEARNED, pruning_ratio=0.4).kept_channels(576, multiple_of=9) == 342
+    assert PATConfig(**PAT_LEARNED, pruning_ratio=0.99).kept_channels(576, multiple_of=9) == 9
     config.save_pretrained(tmp_path, method="pat")
     assert PATConfig.from_pretrained(tmp_path) == config
+    # a record from before `axis` and `strategy` existed is PAT on the hidden channels, not today's default
+    legacy = {k: v for k, v in json.loads((tmp_path / PAT_CONFIG_NAME).read_text()).items()
+              if k not in ("axis", "strategy")}
+    (tmp_path / PAT_CONFIG_NAME).write_text(json.dumps(legacy))
+    assert PATConfig.from_pretrained(tmp_path) == config
+    assert PATConfig.from_dict({"pruning_ratio": 0.5}).strategy == "one-shot"  # not a record: the defaults
     with pytest.raises(ValueError, match="Unknown PATConfig keys"):
         PATConfig.from_dict({"pruning_ratio": 0.5, "sparsity": 0.5})
     (tmp_path / PAT_CONFIG_NAME).write_text("{not json")
@@ -116,7 +122,7 @@ def test_config_validation_and_round_trip(tmp_path):
 
 def test_unsupported_architecture_is_refused():
     with pytest.raises(ValueError, match="PAT supports the Llama family"):
-        get_pat_model(build_tiny("gpt2"), PATConfig())
+        get_pat_model(build_tiny("gpt2"), PATConfig(**PAT_LEARNED))
 
 
 @pytest.mark.parametrize("arch,tied,lora_r", [("llama", False, 4), ("llama", True, 4), ("mistral", False, 0),
@@ -124,7 +130,7 @@ def test_unsupported_architecture_is_refused():
 def test_export_computes_the_same_logits_with_fewer_parameters(tmp_path, arch, tied, lora_r):
     model = build_tiny(arch, tie_word_embeddings=tied)
     dense_params = model.num_parameters()
-    trainer = pat_trainer(model, tmp_path, PATConfig(pruning_ratio=0.25, hsm_rank=4, lora_r=lora_r))
+    trainer = pat_trainer(model, tmp_path, PATConfig(**PAT_LEARNED, pruning_ratio=0.25, hsm_rank=4, lora_r=lora_r))
     pat = get_pat_modules(trainer.model)
     assert pat.mask.is_binary and int(pat.mask.gate().detach().sum()) == 48
     if lora_r:  # training moved the HSMs and LoRA away from the identity
@@ -144,7 +150,7 @@ def test_export_computes_the_same_logits_with_fewer_parameters(tmp_path, arch, t
 
 
 def test_export_before_the_mask_is_binary_warns_and_differs():
-    model = get_pat_model(build_tiny("llama"), PATConfig(lora_r=0, hsm_rank=2))
+    model = get_pat_model(build_tiny("llama"), PATConfig(**PAT_LEARNED, lora_r=0, hsm_rank=2))
     x = make_windows(2, 8)
     with torch.no_grad():
         masked = model(input_ids=x).logits  # step 0: every channel open, the model is still the dense one
@@ -156,7 +162,7 @@ def test_export_before_the_mask_is_binary_warns_and_differs():
 
 
 def test_a_failed_export_leaves_no_folder(tmp_path, monkeypatch):
-    model = get_pat_model(build_tiny("llama"), PATConfig(lora_r=0))
+    model = get_pat_model(build_tiny("llama"), PATConfig(**PAT_LEARNED, lora_r=0))
     get_pat_modules(model).mask.set_progress(10, 10)
 
     def broken(*args, **kwargs):
@@ -173,7 +179,7 @@ def test_gradient_accumulation_counts_the_pat_terms_once(tmp_path):
     states = []
     for batch, accumulation in ((4, 1), (2, 2)):
         model = build_tiny("llama")
-        config = PATConfig(lora_r=0, hsm_rank=2, mask_warmup_fraction=1.0, identity_loss_weight=10.0)
+        config = PATConfig(**PAT_LEARNED, lora_r=0, hsm_rank=2, mask_warmup_fraction=1.0, identity_loss_weight=10.0)
         trainer = pat_trainer(model, tmp_path, config, steps=3, optim="sgd", per_device_train_batch_size=batch,
                          gradient_accumulation_steps=accumulation)
         states.append({k: v.detach().clone() for k, v in get_pat_modules(trainer.model).state_dict().items()})
@@ -187,6 +193,7 @@ def test_cli_pat_exports_a_smaller_model(tiny_model_dir, tmp_path, capsys):  # n
     out = tmp_path / "out"
     code = main([
         "pat", "--model", str(tiny_model_dir), "--data", str(tmp_path / "train.txt"), "--pruning-ratio", "0.5",
+        "--axis", "hidden", "--strategy", "learned",
         "--max-steps", "6", "--seq-len", "16", "--hsm-rank", "2", "--output-dir", str(out), "--disable-tqdm", "true",
         "--report-to", "none",
     ])
@@ -221,7 +228,7 @@ def test_cli_pat_needs_max_steps(tiny_model_dir, tmp_path):  # noqa: F811
 
 def test_resume_from_a_checkpoint_restores_the_pat_modules(tmp_path):
     """6 steps in one go equal 3 steps, a checkpoint, and 3 more steps resumed in a new trainer."""
-    config = PATConfig(hsm_rank=2, lora_r=2)
+    config = PATConfig(**PAT_LEARNED, hsm_rank=2, lora_r=2)
     straight = pat_trainer(build_tiny("llama"), tmp_path / "a", config, steps=6)
     expected = get_pat_modules(straight.model).state_dict()
 
@@ -247,7 +254,8 @@ def test_the_seed_decides_the_adapters_whatever_ran_before(tmp_path):
         torch.rand(draws)  # other work in the same process
         args = TrainingArguments(str(tmp_path / "run"), max_steps=1, report_to=[], save_strategy="no", seed=seed)
         dataset = Dataset.from_dict({"input_ids": make_windows(8, 16).tolist()})
-        trainer = PATTrainer(model=model, args=args, pat_config=PATConfig(lora_r=2), train_dataset=dataset)
+        trainer = PATTrainer(model=model, args=args, pat_config=PATConfig(**PAT_LEARNED, lora_r=2),
+                             train_dataset=dataset)
         return {k: v.clone() for k, v in trainer.model.state_dict().items() if "lora_A" in k}
 
     first, second, other = build(1, 3), build(1000, 3), build(1, 4)

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from hf_dpruner.commands.cli import main
 from hf_dpruner.pat import PAT_CONFIG_NAME, PATConfig, SharedChannelMask, get_pat_model, get_pat_modules
 
-from testing_utils import build_tiny, export_with_masked_logits, make_windows, pat_trainer, text
+from testing_utils import NEURONS_LEARNED, build_tiny, export_with_masked_logits, make_windows, pat_trainer, text
 
 
 def test_a_grouped_mask_keeps_the_top_k_of_each_row_and_counts_each_row():
@@ -48,7 +48,7 @@ def test_the_neuron_masks_start_from_each_neurons_output_energy(tmp_path):
         torch.topk(h.pow(2).sum((0, 1)) * layer.mlp.down_proj.weight.detach().pow(2).sum(0), 96).indices.sort().values
         for h, layer in zip(inputs, model.model.layers, strict=True)
     ]
-    trainer = pat_trainer(model, tmp_path, PATConfig(axis="neurons", pruning_ratio=0.25, lora_r=4), train=False)
+    trainer = pat_trainer(model, tmp_path, PATConfig(**NEURONS_LEARNED, pruning_ratio=0.25, lora_r=4), train=False)
     importance = trainer.initialize_mask()
     assert importance.shape == (2, 128)
     kept = trainer.pat.mask.kept_indices()
@@ -61,7 +61,7 @@ def test_the_neuron_masks_start_from_each_neurons_output_energy(tmp_path):
 def test_neuron_pat_exports_a_smaller_intermediate_size_with_the_same_logits(tmp_path, arch, tied, lora_r):
     model = build_tiny(arch, tie_word_embeddings=tied)
     dense_params = model.num_parameters()
-    trainer = pat_trainer(model, tmp_path, PATConfig(axis="neurons", pruning_ratio=0.25, lora_r=lora_r))
+    trainer = pat_trainer(model, tmp_path, PATConfig(**NEURONS_LEARNED, pruning_ratio=0.25, lora_r=lora_r))
     pat = get_pat_modules(trainer.model)
     assert not pat.hsms and pat.mask.is_binary
     assert pat.mask.gate().detach().sum(-1).tolist() == [96.0, 96.0]
@@ -83,7 +83,7 @@ def test_the_distillation_teacher_sees_every_neuron(tmp_path):
     x = make_windows(2, 10)
     with torch.no_grad():
         dense = model(input_ids=x).logits
-    wrapped = get_pat_model(model, PATConfig(axis="neurons", pruning_ratio=0.5, lora_r=4))
+    wrapped = get_pat_model(model, PATConfig(**NEURONS_LEARNED, pruning_ratio=0.5, lora_r=4))
     assert isinstance(wrapped, PeftModel)
     pat = get_pat_modules(wrapped)
     pat.mask.set_progress(10, 10)
@@ -100,8 +100,8 @@ def test_cli_pat_on_the_neuron_axis(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"
     assert main([
         "pat", "--model", str(tiny_model_dir), "--data", str(tmp_path / "train.txt"), "--axis", "neurons",
-        "--pruning-ratio", "0.5", "--max-steps", "4", "--seq-len", "16", "--output-dir", str(out),
-        "--disable-tqdm", "true", "--report-to", "none",
+        "--strategy", "learned", "--pruning-ratio", "0.5", "--max-steps", "4", "--seq-len", "16", "--output-dir",
+        str(out), "--disable-tqdm", "true", "--report-to", "none",
     ]) == 0
     printed = capsys.readouterr().out
     summary = json.loads(printed[printed.rindex('{\n  "intermediate_size"'):])

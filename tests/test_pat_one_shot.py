@@ -1,4 +1,5 @@
-"""`PATConfig(axis="neurons", strategy="one-shot")`: OBS neurons + block reconstruction, then LoRA, in PATTrainer."""
+"""`PATConfig()`, the default (`axis="neurons", strategy="one-shot"`): OBS neurons + block reconstruction, then
+LoRA, in PATTrainer."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from hf_dpruner.pat import (
     PAT_CONFIG_NAME,
     PATConfig,
     export_pat_model,
+    get_pat_model,
+    get_pat_modules,
     prune_and_reconstruct,
     prune_mlp_neurons,
     reconstruct_to_teacher,
@@ -28,7 +31,7 @@ ONE_SHOT = dict(axis="neurons", strategy="one-shot", pruning_ratio=0.25, lora_r=
 
 @pytest.mark.parametrize("field,value,message", [
     ("strategy", "greedy", "strategy must be one of"),
-    ("axis", "hidden", "set axis='neurons'"),
+    ("axis", "hidden", "or axis='neurons'"),
     ("lora_r", 0, "set lora_r >= 1"),
     ("distill_weight", 0.5, "set distill_weight=0"),
     ("reconstruction_samples", 0, "reconstruction_samples must be a positive integer"),
@@ -39,6 +42,18 @@ ONE_SHOT = dict(axis="neurons", strategy="one-shot", pruning_ratio=0.25, lora_r=
 def test_the_one_shot_settings_are_validated(field, value, message):
     with pytest.raises(ValueError, match=message):
         PATConfig(**{**ONE_SHOT, field: value})
+
+
+def test_the_default_is_the_one_shot_recipe_and_the_errors_say_how_to_learn_a_mask():
+    config = PATConfig()
+    assert (config.axis, config.strategy, config.lora_r) == ("neurons", "one-shot", 8)
+    for field, value in (("axis", "hidden"), ("lora_r", 0), ("distill_weight", 0.5)):
+        with pytest.raises(ValueError, match="strategy='learned'"):
+            PATConfig(**{field: value})
+    assert PATConfig(axis="hidden", strategy="learned", distill_weight=0.5).distill_weight == 0.5
+    with pytest.raises(ValueError, match="get_pat_model prepares PAT's learned mask; strategy='one-shot'"):
+        get_pat_model(build_tiny("llama"), PATConfig())
+    assert get_pat_modules(get_pat_model(build_tiny("llama"), None)).config.axis == "hidden"
 
 
 def test_prune_and_reconstruct_is_obs_then_reconstruction_and_leaves_the_dense_model_alone():
@@ -114,8 +129,8 @@ def test_cli_one_shot_reconstructs_on_domain_and_general_windows(tiny_model_dir,
     (tmp_path / "train.txt").write_text("\n".join(text(i, 200) for i in range(10)))
     out = tmp_path / "out"
     assert main([
-        "pat", "--model", str(tiny_model_dir), "--data", str(tmp_path / "train.txt"), "--axis", "neurons",
-        "--strategy", "one-shot", "--pruning-ratio", "0.5", "--reconstruction-samples", "4",
+        "pat", "--model", str(tiny_model_dir), "--data", str(tmp_path / "train.txt"),  # the default recipe
+        "--pruning-ratio", "0.5", "--reconstruction-samples", "4",
         "--reconstruction-general-samples", "2", "--reconstruction-epochs", "1", "--max-steps", "2",
         "--seq-len", "16", "--output-dir", str(out), "--disable-tqdm", "true", "--report-to", "none",
     ]) == 0

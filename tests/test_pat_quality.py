@@ -16,7 +16,7 @@ from hf_dpruner.pat.channel_importance import (
     taylor_channel_importance,
 )
 
-from testing_utils import build_tiny, make_batches, make_windows
+from testing_utils import PAT_LEARNED, build_tiny, make_batches, make_windows
 
 LOUD, SILENT = 5, 11  # hidden channels made the most and the least important
 
@@ -53,7 +53,7 @@ def test_activation_importance_ranks_the_loud_channel_first_and_the_silent_one_l
 
 
 def test_taylor_importance_is_zero_for_a_channel_that_cannot_change_the_loss():
-    model = get_pat_model(_model_with_a_loud_and_a_silent_channel(), PATConfig(lora_r=0, hsm_rank=2))
+    model = get_pat_model(_model_with_a_loud_and_a_silent_channel(), PATConfig(**PAT_LEARNED, lora_r=0, hsm_rank=2))
     pat = get_pat_modules(model)
     importance = taylor_channel_importance(model, pat, make_batches(2, 2, 16))
     assert importance[SILENT] == 0 and bool((importance.sum() - importance[SILENT]) > 0)
@@ -62,7 +62,8 @@ def test_taylor_importance_is_zero_for_a_channel_that_cannot_change_the_loss():
 
 @pytest.mark.parametrize("mask_init", ["activation", "taylor"])
 def test_the_trainer_starts_the_mask_from_the_importance(tmp_path, mask_init):
-    config = PATConfig(pruning_ratio=0.25, lora_r=2, hsm_rank=2, mask_init=mask_init, mask_init_samples=4)
+    config = PATConfig(**PAT_LEARNED, pruning_ratio=0.25, lora_r=2, hsm_rank=2, mask_init=mask_init,
+                       mask_init_samples=4)
     dataset = Dataset.from_dict({"input_ids": make_windows(8, 16).tolist()})
     args = TrainingArguments(str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2, report_to=[],
                              save_strategy="no", disable_tqdm=True)
@@ -86,7 +87,8 @@ def test_zeros_is_the_paper_and_measures_nothing(tmp_path):
                              save_strategy="no", disable_tqdm=True)
     assert PATConfig().mask_init == "activation"  # the default; zeros is the paper's
     trainer = PATTrainer(model=build_tiny("llama"), args=args,
-                         pat_config=PATConfig(lora_r=0, hsm_rank=2, mask_init="zeros"), train_dataset=dataset)
+                         pat_config=PATConfig(**PAT_LEARNED, lora_r=0, hsm_rank=2, mask_init="zeros"),
+                         train_dataset=dataset)
     assert trainer.initialize_mask() is None and bool((trainer.pat.mask.logits == 0).all())
 
 
@@ -115,7 +117,7 @@ def test_width_prune_keeps_the_important_channels_and_computes_the_masked_models
     assert small.config.hidden_size == 48 and small.num_parameters() < model.num_parameters()
     assert torch.equal(small.model.embed_tokens.weight, model.model.embed_tokens.weight[:, keep])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    pat_model = get_pat_model(model, PATConfig(pruning_ratio=0.25, lora_r=0))
+    pat_model = get_pat_model(model, PATConfig(**PAT_LEARNED, pruning_ratio=0.25, lora_r=0))
     gate = torch.zeros(64).index_fill_(0, keep, 1.0)
     x = make_windows(2, 16)
     with torch.no_grad(), get_pat_modules(pat_model).fixed_gate(gate):
@@ -131,7 +133,7 @@ def test_hidden_pruning_keeps_a_multiple_of_the_heads_so_the_export_saves_and_lo
     small.save_pretrained(tmp_path / "width")
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "width").config.hidden_size == 63
     pat = get_pat_modules(get_pat_model(build_tiny("llama", hidden_size=72, num_attention_heads=9,
-                                                   num_key_value_heads=3), PATConfig(pruning_ratio=0.1)))
+                                                   num_key_value_heads=3), PATConfig(**PAT_LEARNED, pruning_ratio=0.1)))
     assert pat.mask.num_kept == 63
 
 
@@ -249,7 +251,8 @@ def test_on_the_embedded_model_the_activation_choice_beats_a_random_one_before_a
 
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = get_pat_model(AutoModelForCausalLM.from_pretrained(path), PATConfig(pruning_ratio=0.25, lora_r=0))
+    config = PATConfig(**PAT_LEARNED, pruning_ratio=0.25, lora_r=0)
+    model = get_pat_model(AutoModelForCausalLM.from_pretrained(path), config)
     pat = get_pat_modules(model)
     batches = calibration_batches(load_corpus_texts("medical"), tokenizer, 256, 8, 4)
     with pat.fixed_gate(torch.ones(pat.mask.hidden_size)):
@@ -290,7 +293,7 @@ def test_the_teacher_is_the_base_model_with_lora_and_pat_switched_off(tmp_path):
     batch = make_batches(1, 2, 16)[0]
     with torch.no_grad():
         expected = base(**batch).logits
-    config = PATConfig(pruning_ratio=0.25, lora_r=2, hsm_rank=2, distill_weight=0.5)
+    config = PATConfig(**PAT_LEARNED, pruning_ratio=0.25, lora_r=2, hsm_rank=2, distill_weight=0.5)
     trainer = _pat_trainer(tmp_path, build_tiny("llama"), config, steps=4)
     trainer.train()
     model = trainer.model
@@ -307,7 +310,8 @@ def test_distillation_counts_the_same_under_gradient_accumulation(tmp_path):
     """4 windows in one batch, or 2 + 2 accumulated: the same trained PAT modules and LoRA (SGD)."""
     states = []
     for batch, accumulation in ((4, 1), (2, 2)):
-        config = PATConfig(pruning_ratio=0.25, lora_r=2, hsm_rank=2, distill_weight=0.7, distill_temperature=2.0)
+        config = PATConfig(**PAT_LEARNED, pruning_ratio=0.25, lora_r=2, hsm_rank=2, distill_weight=0.7,
+                           distill_temperature=2.0)
         trainer = _pat_trainer(tmp_path / f"{batch}", build_tiny("llama"), config, steps=3, optim="sgd",
                                per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
         trainer.train()
@@ -335,7 +339,8 @@ def test_distillation_settings_are_validated(field, value, message):
 
 @pytest.mark.parametrize("hsm_lr", [None, 5e-3])
 def test_the_mask_and_the_hsms_get_their_own_learning_rates(tmp_path, hsm_lr):
-    config = PATConfig(lora_r=2, hsm_rank=2, mask_init="zeros", mask_learning_rate=3e-3, hsm_learning_rate=hsm_lr)
+    config = PATConfig(**PAT_LEARNED, lora_r=2, hsm_rank=2, mask_init="zeros", mask_learning_rate=3e-3,
+                       hsm_learning_rate=hsm_lr)
     trainer = _pat_trainer(tmp_path, build_tiny("llama"), config, steps=1)
     optimizer = trainer.create_optimizer()
     lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}

@@ -188,6 +188,11 @@ class FakeHfApi:
         return type("CommitInfo", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
 
 
+# PAT with a learned mask on the hidden channels (the paper); PATConfig's default is the one-shot neuron recipe
+PAT_LEARNED = {"axis": "hidden", "strategy": "learned"}
+NEURONS_LEARNED = {"axis": "neurons", "strategy": "learned"}  # PAT's learned mask on the MLP neurons
+
+
 def pat_trainer(model, tmp_path, config: PATConfig, steps: int = 12, train: bool = True, **args) -> PATTrainer:
     """A `PATTrainer` on 32 random windows of 16 tokens (``make_windows(32, 16)``) with the tests' settings (AdamW
     1e-2, batches of 4, `steps` steps, `args` over them), trained unless ``train=False``."""

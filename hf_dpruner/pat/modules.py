@@ -158,8 +158,12 @@ def get_pat_model(model: PreTrainedModel, config: PATConfig | None = None) -> Pr
     """Prepare `model` for Pruning-Aware Tuning: LoRA on the linear layers (unless ``config.lora_r == 0``, then the
     base weights are frozen), HSMs on the residual stream and the shared mask, all trainable.
 
-    Returns the peft model (or `model`); the PAT modules are ``get_pat_modules(returned)``."""
-    config = config if config is not None else PATConfig()
+    Returns the peft model (or `model`); the PAT modules are ``get_pat_modules(returned)``. Without `config`: PAT
+    as in the paper's axis, ``PATConfig(axis="hidden", strategy="learned")``."""
+    config = config if config is not None else PATConfig(axis="hidden", strategy="learned")
+    if config.strategy != "learned":
+        raise ValueError(f"get_pat_model prepares PAT's learned mask; strategy={config.strategy!r} learns none. Pass "
+                         "the config to PATTrainer (it prunes, reconstructs and tunes), or set strategy='learned'.")
     if isinstance(model, PeftModel) or get_pat_modules(model, required=False) is not None:
         raise ValueError("get_pat_model expects a plain transformers model without adapters or PAT modules.")
     check_supported(model)

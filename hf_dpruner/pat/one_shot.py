@@ -52,7 +52,8 @@ def width_prune(
         raise ValueError(f"compensation_rounds must be an integer >= 1, got {compensation_rounds!r}.")
     hidden = model.config.hidden_size
     heads = model.config.num_attention_heads  # the smaller hidden size must stay a multiple of it
-    kept = PATConfig(pruning_ratio=pruning_ratio, lora_r=0).kept_channels(hidden, multiple_of=heads)
+    kept = PATConfig(pruning_ratio=pruning_ratio, axis="hidden", strategy="learned", lora_r=0).kept_channels(
+        hidden, multiple_of=heads)
     if importance is None:
         importance = activation_channel_importance(model, calibration)
     if importance.shape != (hidden,):

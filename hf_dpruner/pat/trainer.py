@@ -32,19 +32,19 @@ PAT_STATE_NAME = "pat_modules.safetensors"
 
 
 class PATTrainer(Trainer):
-    """Trainer for Pruning-Aware Tuning.
+    """Trainer for structured pruning; `export()` writes the smaller standard checkpoint.
 
-    The model is prepared with `get_pat_model` unless it already was. Before every forward the shared mask moves
-    along its schedule (step ``global_step`` of ``max_steps``); once per optimizer step the loss adds
-    ``active_loss_weight · |N_target − N_open| / d + identity_loss_weight · Σ ‖A Aᵀ − I‖²``. The mask logits
-    get their own learning rate (``mask_learning_rate``). `export()` writes the smaller standard checkpoint.
+    With the default ``PATConfig()`` (``axis="neurons", strategy="one-shot"``, the best recipe measured) there is
+    no mask: `train` first replaces the model by a smaller one (`prune_and_reconstruct`: OBS neurons, block
+    reconstruction toward the dense model), then tunes its LoRA adapters with the plain LM loss.
 
-    With ``PATConfig(axis="neurons", strategy="one-shot")`` there is no mask: `train` first replaces the model by a
-    smaller one (`prune_and_reconstruct`: OBS neurons, block reconstruction toward the dense model), then tunes its
-    LoRA adapters with the plain LM loss.
+    With ``strategy="learned"`` (Pruning-Aware Tuning) the model is prepared with `get_pat_model` unless it already
+    was. Before every forward the mask moves along its schedule (step ``global_step`` of ``max_steps``); once per
+    optimizer step the loss adds ``active_loss_weight · |N_target − N_open| / d + identity_loss_weight ·
+    Σ ‖A Aᵀ − I‖²``. The mask logits get their own learning rate (``mask_learning_rate``).
 
     Args:
-        pat_config: the recipe (`PATConfig()` if omitted).
+        pat_config: the recipe (`PATConfig()`, the one-shot recipe, if omitted).
         train_dataset: a tokenized `Dataset` (``input_ids``), a `Dataset` with a ``text`` column, a list of strings,
             a file/folder path or a bundled corpus name; text is cut into `num_samples` windows of `seq_len` tokens.
         Other arguments are those of `transformers.Trainer`.
@@ -58,7 +58,7 @@ class PATTrainer(Trainer):
         >>> data = Dataset.from_dict({"input_ids": [list(range(i, i + 16)) for i in range(8)]})
         >>> args = TrainingArguments("out", max_steps=4, per_device_train_batch_size=2, report_to=[],
         ...                          disable_tqdm=True, save_strategy="no")
-        >>> trainer = PATTrainer(model=model, args=args, pat_config=PATConfig(pruning_ratio=0.25),
+        >>> trainer = PATTrainer(model=model, args=args, pat_config=PATConfig(axis="hidden", strategy="learned"),
         ...                      train_dataset=data)
         >>> _ = trainer.train()  # logs the run's metrics
         {...'train_loss'...}
