@@ -39,7 +39,10 @@ class PATTrainingArguments(TrainingArguments):
         metadata={"help": "Learning rate of LoRA (and of the HSMs with strategy 'learned'; its mask: 10x). 3e-3 "
                   "measured best for the default recipe and for dense + LoRA (docs/pat.md)."},
     )
-    max_steps: int = field(default=100, metadata={"help": "Optimizer steps (the mask is binary after a third)."})
+    max_steps: int = field(
+        default=100, metadata={"help": "Optimizer steps of the tuning (strategy 'learned': the mask is binary after a "
+                               "third)."}
+    )
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Windows per batch."})
     save_strategy: str = field(default="no", metadata={"help": "Checkpointing during tuning."})
     logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
