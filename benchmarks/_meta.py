@@ -113,3 +113,18 @@ def missing_fields(metadata: Any) -> list[str]:
 def is_backfilled(metadata: Any) -> bool:
     """Whether a metadata block was reconstructed from git history rather than recorded by the run."""
     return isinstance(metadata, dict) and bool(metadata.get("backfilled_from_git"))
+
+
+def run_worker_process(script: str, args: list[str], env: dict[str, str] | None = None) -> Any:
+    """Run ``script args --result FILE`` in a fresh interpreter (a benchmark's own worker mode, so that nothing of
+    this process reaches the measurement) and return the JSON it wrote to FILE; `env` is added to this environment."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-worker-") as tmp:
+        out = Path(tmp) / "result.json"
+        done = subprocess.run([sys.executable, script, *args, "--result", str(out)], env={**os.environ, **(env or {})})
+        if done.returncode != 0:
+            raise RuntimeError(f"the worker `{Path(script).name} {shlex.join(args)}` failed with exit code "
+                               f"{done.returncode}")
+        return json.loads(out.read_text())

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,7 +34,7 @@ from typing import Any
 _HERE = Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:  # run as a script or loaded by path from the tests
     sys.path.insert(0, str(_HERE))
-from _meta import finish_metadata, start_metadata  # noqa: E402
+from _meta import finish_metadata, run_worker_process, start_metadata  # noqa: E402
 
 STAGES = ("load", "general_importance", "domain_importance", "masks", "save")
 METHOD_STAGES = ("load", "prune", "save")
@@ -233,13 +231,8 @@ def activations(trainer, sampler: StageSampler) -> float:
 
 def run_worker(variant: str, quick: bool, env: dict[str, str]) -> dict[str, Any]:
     """`worker` in a fresh interpreter, so that no peak leaks between variants."""
-    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
-        out = Path(tmp) / "result.json"
-        cmd = [sys.executable, __file__, "--worker", variant, "--result", str(out)] + (["--quick"] if quick else [])
-        done = subprocess.run(cmd, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **env})
-        if done.returncode != 0:
-            raise RuntimeError(f"worker {variant!r} failed with exit code {done.returncode}")
-        return json.loads(out.read_text())
+    return run_worker_process(__file__, ["--worker", variant] + (["--quick"] if quick else []),
+                              {"TOKENIZERS_PARALLELISM": "false", **env})
 
 
 def markdown(runs: list[dict], act: float, skipped: list[dict], quick: bool, malloc: str) -> str:

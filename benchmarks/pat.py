@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ from pathlib import Path
 _HERE = Path(__file__).resolve().parent
 if str(_HERE) not in sys.path:  # run as a script or loaded by path from the tests
     sys.path.insert(0, str(_HERE))
-from _meta import finish_metadata, start_metadata  # noqa: E402
+from _meta import finish_metadata, run_worker_process, start_metadata  # noqa: E402
 
 MODES = {
     "full": dict(steps=40, batch_size=4, seq_len=256, learning_rate=3e-3, baseline_learning_rate=5e-3, bf16=True,
@@ -280,12 +279,9 @@ def throughput_in_fresh_process(folders: dict[str, str], settings: dict) -> dict
     Python process, as a user loads them: whatever training left in this process (a fragmented heap, copies of the
     weights) cannot tilt one model's timings against another's."""
     with tempfile.TemporaryDirectory(prefix="bench-pat-speed-") as tmp:
-        spec, out = Path(tmp) / "spec.json", Path(tmp) / "speeds.json"
+        spec = Path(tmp) / "spec.json"
         spec.write_text(json.dumps({"folders": folders, "settings": settings}))
-        done = subprocess.run([sys.executable, __file__, "--throughput-worker", str(spec), "--result", str(out)])
-        if done.returncode != 0:
-            raise RuntimeError(f"the throughput worker failed with exit code {done.returncode}")
-        return json.loads(out.read_text())
+        return run_worker_process(__file__, ["--throughput-worker", str(spec)])
 
 
 def throughput_worker(spec_path: str, result_path: str) -> None:
